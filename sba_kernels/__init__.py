@@ -1,0 +1,15 @@
+"""sba_kernels: the Spatial Balance Attention ops over torch, Triton and CUDA C++ backends.
+
+    >>> import torch, sba_kernels as sk
+    >>> part = sk.Partition.from_assignment(torch.tensor([0, 0, 1, 1, 1]))
+    >>> q = k = v = torch.randn(2, 5, 4, 16)          # [B, N, H, d]
+    >>> sk.intra_attention(q, k, v, part).shape
+    torch.Size([2, 5, 4, 16])
+"""
+
+from .dispatch import available_backends
+from .ops import inter_attention, intra_attention, segment_mean
+from .partition import Partition
+
+__all__ = ["Partition", "intra_attention", "segment_mean", "inter_attention", "available_backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""Sensor graphs in the forms people have, converted in one place.
+
+Every graph tool in `sba_model` takes ``adjacency`` as any of:
+
+* a ``scipy.sparse`` matrix ``[N, N]``;
+* a dense ``[N, N]`` float/bool numpy array or torch tensor;
+* an ``edge_index`` ``[2, E]`` integer array or tensor (PyG convention; pass ``num_nodes``
+  when the last nodes may be isolated).
+
+and `to_csr` turns it into one symmetric, non-negative ``scipy.sparse.csr_matrix`` without
+self loops. Builders for the usual sensor graphs sit beside it: the thresholded Gaussian
+kernel of DCRNN / LargeST over a distance matrix or coordinates, and a k-nearest-neighbour
+graph for large N.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+__all__ = ["to_csr", "gaussian_kernel_adjacency", "haversine_distances", "knn_adjacency"]
+
+EARTH_RADIUS_KM = 6371.0088
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def to_csr(adjacency, num_nodes: Optional[int] = None) -> sp.csr_matrix:
+    """Any accepted graph form -> symmetric float64 CSR ``[N, N]``, zero diagonal.
+
+    Directed inputs are symmetrised with ``max(A, A^T)``; negative or non-finite weights are
+    rejected.
+    """
+    if sp.issparse(adjacency):
+        mat = sp.csr_matrix(adjacency, dtype=np.float64)
+    else:
+        arr = _to_numpy(adjacency)
+        if arr.ndim != 2:
+            raise ValueError(f"adjacency must be [N, N] or an edge_index [2, E], got shape {arr.shape}")
+        if np.issubdtype(arr.dtype, np.integer) and arr.shape[0] == 2 and (arr.shape[1] != 2 or num_nodes):
+            mat = _edge_index_to_csr(arr, num_nodes)
+        elif arr.shape[0] == arr.shape[1]:
+            mat = sp.csr_matrix(arr.astype(np.float64))
+        else:
+            raise ValueError(
+                f"adjacency must be square [N, N] or an integer edge_index [2, E], got shape {arr.shape}"
+            )
+    if mat.shape[0] != mat.shape[1]:
+        raise ValueError(f"adjacency must be square, got shape {mat.shape}")
+    if num_nodes is not None and mat.shape[0] != num_nodes:
+        raise ValueError(f"adjacency has {mat.shape[0]} nodes but num_nodes={num_nodes}")
+    if mat.nnz and (not np.all(np.isfinite(mat.data)) or mat.data.min() < 0):
+        raise ValueError("adjacency weights must be finite and >= 0")
+    mat = mat.maximum(mat.T).tocsr()
+    mat.setdiag(0)
+    mat.eliminate_zeros()
+    return mat
+
+
+def _edge_index_to_csr(edge_index: np.ndarray, num_nodes: Optional[int]) -> sp.csr_matrix:
+    src, dst = edge_index.astype(np.int64)
+    n = int(edge_index.max()) + 1 if num_nodes is None else num_nodes
+    if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= n):
+        raise ValueError(f"edge_index holds a node id outside [0, {n})")
+    return sp.csr_matrix((np.ones(src.size), (src, dst)), shape=(n, n))
+
+
+def gaussian_kernel_adjacency(distances, sigma: Optional[float] = None, threshold: float = 0.1) -> sp.csr_matrix:
+    """DCRNN's thresholded Gaussian kernel: ``w_ij = exp(-d_ij^2 / sigma^2)`` if ``>= threshold``.
+
+    Args:
+        distances: ``[N, N]`` dense distances (``inf`` or ``nan`` = unreachable).
+        sigma: kernel width; default the standard deviation of the finite distances.
+        threshold: weights below it are dropped (sparsifies the graph).
+
+    Returns:
+        symmetric CSR ``[N, N]`` with weights in ``[threshold, 1]`` and a zero diagonal.
+    """
+    d = _to_numpy(distances).astype(np.float64)
+    if d.ndim != 2 or d.shape[0] != d.shape[1]:
+        raise ValueError(f"distances must be [N, N], got shape {d.shape}")
+    finite = np.isfinite(d)
+    if np.any(d[finite] < 0):
+        raise ValueError("distances must be >= 0")
+    if sigma is None:
+        sigma = float(d[finite].std())
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    w = np.where(finite, np.exp(-np.square(np.where(finite, d, 0.0) / sigma)), 0.0)
+    w[w < threshold] = 0.0
+    return to_csr(w)
+
+
+def haversine_distances(lat, lon) -> np.ndarray:
+    """Great-circle distances in km between every pair of (lat, lon) degrees: ``[N, N]``."""
+    lat, lon = np.radians(_to_numpy(lat).astype(np.float64)), np.radians(_to_numpy(lon).astype(np.float64))
+    if lat.shape != lon.shape or lat.ndim != 1:
+        raise ValueError(f"lat and lon must be 1-D of one length, got {lat.shape} and {lon.shape}")
+    dlat = lat[:, None] - lat[None, :]
+    dlon = lon[:, None] - lon[None, :]
+    a = np.sin(dlat / 2) ** 2 + np.cos(lat)[:, None] * np.cos(lat)[None, :] * np.sin(dlon / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def knn_adjacency(coords, k: int, sigma: Optional[float] = None) -> sp.csr_matrix:
+    """Symmetric k-nearest-neighbour graph with Gaussian weights, for N far past dense sizes.
+
+    Args:
+        coords: ``[N, D]`` point coordinates (planar; project lat/lon first for large areas).
+        k: neighbours per node (``1 <= k < N``).
+        sigma: kernel width; default the mean k-NN distance.
+    """
+    from scipy.spatial import cKDTree
+
+    x = _to_numpy(coords).astype(np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"coords must be [N, D], got shape {x.shape}")
+    n = x.shape[0]
+    if not isinstance(k, int) or not 1 <= k < n:
+        raise ValueError(f"k must be an int in [1, N) = [1, {n}), got {k!r}")
+    dist, nbr = cKDTree(x).query(x, k=k + 1)            # column 0 is the point itself
+    dist, nbr = dist[:, 1:], nbr[:, 1:]
+    if sigma is None:
+        sigma = float(dist.mean()) or 1.0
+    w = np.exp(-np.square(dist / sigma)) + 1e-12        # keep zero-distance twins as edges
+    rows = np.repeat(np.arange(n), k)
+    return to_csr(sp.csr_matrix((w.ravel(), (rows, nbr.ravel())), shape=(n, n)))

@@ -1,0 +1,128 @@
+"""SBATransformer: the multiscale SBA forecasting model."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from sba_kernels import Partition
+
+from .adjacency import to_csr
+from .layers import SBABlock
+from .partitioning import multiscale_partitions
+from .pe import laplacian_pe
+
+__all__ = ["SBATransformer"]
+
+
+class SBATransformer(nn.Module):
+    """Forecast ``[B, T_out, N, C_out]`` from ``[B, T_in, N, C]``.
+
+    Each node's whole history (``T_in * C`` numbers) is one token (Linear -> D); Laplacian PE
+    and time-of-day / day-of-week embeddings of the last input step are added; L `SBABlock`s
+    follow, layer ``l`` on ``partitions[l]`` (fine to coarse); a Linear head maps each token to
+    ``T_out * C_out``.
+
+    Args:
+        num_nodes: N. in_steps, in_channels: T_in, C. out_steps, out_channels: T_out, C_out.
+        partitions: one `Partition` per layer over the model's internal node order.
+        dim, num_heads, mlp_ratio, dropout, backend: block sizes and kernel backend.
+        pe: optional ``[N, k]`` positional encodings (internal node order); random sign flips
+            per column in training, as Laplacian eigenvectors have no fixed sign.
+        steps_per_day: enables the time-of-day embedding (``tod`` in ``0..steps_per_day-1``).
+        day_of_week: enables the day-of-week embedding (``dow`` in ``0..6``).
+        perm: optional ``[N]`` long, ``perm[internal] = user node id``: inputs are reordered
+            with it and outputs restored, so callers use their own node order.
+        adjacency: optional graph (internal order) for the learnable intra-subgraph bias.
+        inter: keep the inter-subgraph path (False for the ablation).
+
+    Use `SBATransformer.from_graph` to get partitions, permutation and PE in one call.
+    """
+
+    def __init__(self, num_nodes: int, in_steps: int, in_channels: int, out_steps: int, out_channels: int,
+                 partitions: Sequence[Partition], *, dim: int = 64, num_heads: int = 4, mlp_ratio: float = 2.0,
+                 dropout: float = 0.0, backend: str = "auto", pe: Optional[torch.Tensor] = None,
+                 steps_per_day: Optional[int] = None, day_of_week: bool = False,
+                 perm: Optional[torch.Tensor] = None, adjacency=None, inter: bool = True):
+        super().__init__()
+        if not partitions:
+            raise ValueError("partitions must hold one Partition per layer")
+        for i, p in enumerate(partitions):
+            if not isinstance(p, Partition) or p.num_nodes != num_nodes:
+                raise ValueError(f"partitions[{i}] must be a Partition of num_nodes={num_nodes} nodes")
+        self.num_nodes, self.in_steps, self.in_channels = num_nodes, in_steps, in_channels
+        self.out_steps, self.out_channels = out_steps, out_channels
+        self.embed = nn.Linear(in_steps * in_channels, dim)
+        if pe is not None:
+            if pe.dim() != 2 or pe.shape[0] != num_nodes:
+                raise ValueError(f"pe must be [N={num_nodes}, k], got {tuple(pe.shape)}")
+            self.register_buffer("pe", pe.float())
+            self.pe_proj = nn.Linear(pe.shape[1], dim)
+        else:
+            self.pe = None
+        self.tod = nn.Embedding(steps_per_day, dim) if steps_per_day else None
+        self.dow = nn.Embedding(7, dim) if day_of_week else None
+        if perm is not None:
+            perm = torch.as_tensor(perm).long()
+            if perm.shape != (num_nodes,) or not torch.equal(perm.sort().values, torch.arange(num_nodes)):
+                raise ValueError(f"perm must be a permutation of range({num_nodes})")
+            self.register_buffer("perm", perm)
+            self.register_buffer("inv_perm", torch.argsort(perm))
+        else:
+            self.perm = None
+        self.blocks = nn.ModuleList(
+            SBABlock(dim, num_heads, p, mlp_ratio=mlp_ratio, dropout=dropout, backend=backend,
+                     adjacency=adjacency, inter=inter)
+            for p in partitions
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out_steps * out_channels)
+
+    @classmethod
+    def from_graph(cls, adjacency, parts: Sequence[int], *, in_steps: int, in_channels: int, out_steps: int,
+                   out_channels: int, pe_dim: int = 8, graph_bias: bool = True, seed: int = 0,
+                   **kwargs) -> "SBATransformer":
+        """Build from a sensor graph: nested METIS partitions for ``parts`` (one level per layer,
+        finest first), the node permutation, Laplacian PE of size ``pe_dim`` (0 = none)."""
+        csr = to_csr(adjacency)
+        partitions, perm = multiscale_partitions(csr, parts, seed=seed)
+        p = perm.numpy()
+        internal = csr[p][:, p]
+        pe = laplacian_pe(internal, pe_dim) if pe_dim else None
+        return cls(csr.shape[0], in_steps, in_channels, out_steps, out_channels, partitions, pe=pe,
+                   perm=perm, adjacency=internal if graph_bias else None, **kwargs)
+
+    def forward(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None,
+                dow: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x ``[B, T_in, N, C]``; tod, dow ``[B]`` long of the last input step (when enabled).
+        Returns ``[B, T_out, N, C_out]``."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_steps, self.num_nodes, self.in_channels):
+            raise ValueError(
+                f"x must be [B, {self.in_steps}, {self.num_nodes}, {self.in_channels}], got {tuple(x.shape)}"
+            )
+        B = x.shape[0]
+        if self.perm is not None:
+            x = x[:, :, self.perm]
+        tokens = self.embed(x.permute(0, 2, 1, 3).reshape(B, self.num_nodes, -1))    # [B, N, D]
+        if self.pe is not None:
+            pe = self.pe
+            if self.training:
+                pe = pe * (torch.randint(0, 2, (1, pe.shape[1]), device=pe.device) * 2 - 1)
+            tokens = tokens + self.pe_proj(pe)
+        tokens = tokens + self._time_embedding("tod", self.tod, tod, B)
+        tokens = tokens + self._time_embedding("dow", self.dow, dow, B)
+        for block in self.blocks:
+            tokens = block(tokens)
+        y = self.head(self.norm(tokens)).view(B, self.num_nodes, self.out_steps, self.out_channels)
+        y = y.permute(0, 2, 1, 3)
+        return y[:, :, self.inv_perm] if self.perm is not None else y
+
+    @staticmethod
+    def _time_embedding(name, table: Optional[nn.Embedding], ids: Optional[torch.Tensor], batch: int):
+        if table is None:
+            return 0.0
+        if ids is None or ids.shape != (batch,):
+            raise ValueError(f"{name} must be a [B={batch}] long tensor when its embedding is enabled")
+        return table(ids.long()).unsqueeze(1)

@@ -1,0 +1,86 @@
+"""Shared test tools: random ragged partitions and an independent dense attention reference.
+
+The dense reference builds the full N x N mask and bias from the partition, the most direct
+reading of SPEC section 1, and shares no code with the package's backends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sba_kernels import Partition
+
+
+def random_partition(num_nodes: int, *, max_size: int, generator: torch.Generator,
+                     giant: int = 0) -> Partition:
+    """Ragged partition of a random node order: sizes drawn from 1..max_size (singletons
+    included), plus one ``giant`` subgraph when ``giant > 0``; rows are shuffled."""
+    order = torch.randperm(num_nodes, generator=generator)
+    sizes, left = [], num_nodes
+    if giant:
+        sizes.append(min(giant, left))
+        left -= sizes[-1]
+    while left:
+        s = int(torch.randint(1, max_size + 1, (1,), generator=generator))
+        s = min(s, left)
+        sizes.append(s)
+        left -= s
+    if len(sizes) > 1 and 1 not in sizes:          # always exercise a singleton
+        sizes[-1] -= 1
+        sizes.append(1)
+        if sizes[-2] == 0:
+            sizes.pop(-2)
+    parts, start = [], 0
+    for s in sizes:
+        parts.append(order[start:start + s].tolist())
+        start += s
+    rows = torch.randperm(len(parts), generator=generator).tolist()
+    return Partition.from_parts([parts[r] for r in rows], num_nodes=num_nodes)
+
+
+def dense_bias(partition: Partition, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """Scatter a ``[P, M, M]`` / ``[H, P, M, M]`` slot bias into a dense ``[H, N, N]`` one."""
+    n = partition.num_nodes
+    dtype = torch.float64 if bias is None else bias.dtype
+    out = torch.zeros(heads, n, n, dtype=dtype)
+    if bias is None:
+        return out
+    b = bias if bias.dim() == 4 else bias.unsqueeze(0).expand(heads, -1, -1, -1)
+    for p, nodes in enumerate(partition.parts()):
+        idx = torch.tensor(nodes)
+        m = len(nodes)
+        out[:, idx.unsqueeze(1), idx.unsqueeze(0)] = b[:, p, :m, :m]
+    return out
+
+
+def dense_masked_attention(q, k, v, partition: Partition, bias=None, scale=None):
+    """Brute force: full ``[B, H, N, N]`` scores, mask = same subgraph. q, k, v ``[B, N, H, d]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    a = partition.assignment.cpu()
+    same = a.unsqueeze(0) == a.unsqueeze(1)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    scores = scores + dense_bias(partition, bias, q.shape[2]).to(scores)
+    scores = scores.masked_fill(~same, float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, -1), v)
+
+
+def dense_attention(q, k, v, bias=None, scale=None):
+    """Plain attention, ``[B, P, H, d]``; bias ``[P, P]`` / ``[H, P, P]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if bias is not None:
+        scores = scores + bias
+    return torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, -1), v)
+
+
+def loop_segment_mean(x, partition: Partition):
+    """Per-subgraph mean by a Python loop over ``partition.parts()``."""
+    return torch.stack([x[:, nodes].mean(1) for nodes in partition.parts()], dim=1)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; inf if out has a NaN."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))

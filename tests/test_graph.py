@@ -1,0 +1,164 @@
+import math
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from sba_model import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe,
+                       multiscale_partitions, partition_graph, to_csr)
+from sba_model.pe import normalized_laplacian
+
+
+def _ring(n):
+    src = np.arange(n)
+    return np.stack([src, (src + 1) % n])
+
+
+def test_to_csr_accepts_every_form_and_agrees():
+    ei = _ring(6)
+    dense = np.zeros((6, 6))
+    dense[ei[0], ei[1]] = 1
+    forms = [ei, torch.from_numpy(ei), dense, torch.from_numpy(dense), sp.coo_matrix(dense), dense.astype(bool)]
+    mats = [to_csr(f).toarray() for f in forms]
+    for m in mats:
+        assert np.array_equal(m, mats[0])
+    assert np.array_equal(mats[0], mats[0].T) and np.all(np.diag(mats[0]) == 0)
+
+
+def test_to_csr_edge_index_keeps_trailing_isolated_nodes():
+    assert to_csr(np.array([[0], [1]]), num_nodes=5).shape == (5, 5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((3, 4)), "square"),
+    (np.zeros(3), "adjacency must be"),
+    (-np.ones((3, 3)), ">= 0"),
+    (np.array([[0, 7], [1, 2]]).T, "edge_index"),
+])
+def test_to_csr_rejects_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        to_csr(bad, num_nodes=3 if bad.dtype.kind == "i" else None)
+
+
+def test_gaussian_kernel_matches_formula():
+    rng = np.random.default_rng(0)
+    d = rng.random((8, 8)) * 10
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0)
+    w = gaussian_kernel_adjacency(d, sigma=4.0, threshold=0.3).toarray()
+    expect = np.exp(-(d / 4.0) ** 2)
+    expect[expect < 0.3] = 0
+    np.fill_diagonal(expect, 0)
+    assert np.allclose(w, expect)
+
+
+def test_haversine_known_distance():
+    # Los Angeles to San Francisco, about 559 km.
+    d = haversine_distances(np.array([34.0522, 37.7749]), np.array([-118.2437, -122.4194]))
+    assert abs(d[0, 1] - 559) < 3 and d[0, 0] == 0
+
+
+def _check_partition_covers(part, n):
+    nodes = sorted(sum(part.parts(), []))
+    assert nodes == list(range(n))
+
+
+@pytest.mark.parametrize("num_parts", [2, 7, 32])
+def test_partition_graph_balanced_and_complete(num_parts):
+    rng = np.random.default_rng(num_parts)
+    adj = knn_adjacency(rng.random((2000, 2)), 6)
+    part = partition_graph(adj, num_parts)
+    _check_partition_covers(part, 2000)
+    assert part.num_parts == num_parts
+    # METIS k-way default imbalance: ufactor 30, i.e. 1.03 x the average part.
+    assert int(part.lengths.max()) <= math.ceil(1.03 * 2000 / num_parts)
+
+
+def test_partition_graph_keeps_subgraphs_connected_on_a_grid():
+    n = 20
+    ids = np.arange(n * n).reshape(n, n)
+    ei = np.concatenate([np.stack([ids[:, :-1].ravel(), ids[:, 1:].ravel()]),
+                         np.stack([ids[:-1].ravel(), ids[1:].ravel()])], axis=1)
+    part = partition_graph(ei, 4)
+    csr = to_csr(ei)
+    for nodes in part.parts():
+        ncomp, _ = sp.csgraph.connected_components(csr[nodes][:, nodes])
+        assert ncomp <= 2      # METIS minimises the cut; pieces stay (nearly) whole
+
+
+def test_partition_graph_disconnected_isolated_and_oversized():
+    a = sp.block_diag([knn_adjacency(np.random.default_rng(1).random((50, 2)), 4)] * 3).tocsr()
+    a = sp.block_diag([a, sp.csr_matrix((10, 10))]).tocsr()       # 10 isolated nodes
+    part = partition_graph(a, 5)
+    _check_partition_covers(part, 160)
+    single = partition_graph(a, 1000)
+    assert single.num_parts == 160 and single.max_size == 1
+    assert partition_graph(a, 1).num_parts == 1
+    assert partition_graph(sp.csr_matrix((9, 9)), 3).lengths.tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="num_parts"):
+        partition_graph(a, 0)
+
+
+def test_multiscale_partitions_nested_and_contiguous():
+    rng = np.random.default_rng(2)
+    adj = knn_adjacency(rng.random((1500, 2)), 6)
+    parts, perm = multiscale_partitions(adj, [40, 10, 3])
+    assert sorted(perm.tolist()) == list(range(1500))
+    assert [p.num_parts for p in parts] == [40, 10, 3]
+    for level in parts:
+        _check_partition_covers(level, 1500)
+        for nodes in level.parts():                      # contiguous ascending runs
+            assert nodes == list(range(nodes[0], nodes[0] + len(nodes)))
+    for fine, coarse in zip(parts, parts[1:]):
+        for nodes in fine.parts():                       # each fine part inside one coarse part
+            assert len(set(coarse.assignment[nodes].tolist())) == 1
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        multiscale_partitions(adj, [10, 10])
+
+
+def test_multiscale_perm_follows_the_graph():
+    """Level-0 subgraphs in the new order are METIS parts of the original graph: their nodes,
+    mapped back through perm, stay graph-close (a cut far below a random split's)."""
+    rng = np.random.default_rng(3)
+    adj = knn_adjacency(rng.random((800, 2)), 6)
+    parts, perm = multiscale_partitions(adj, [16, 4])
+    csr = to_csr(adj)
+    old_assign = np.empty(800, dtype=int)
+    old_assign[perm.numpy()] = parts[0].assignment.numpy()
+    coo = csr.tocoo()
+    cut = np.mean(old_assign[coo.row] != old_assign[coo.col])
+    random_cut = np.mean(rng.permutation(old_assign)[coo.row] != rng.permutation(old_assign)[coo.col])
+    assert cut < 0.25 * random_cut
+
+
+def _pe_checks(adj, k):
+    pe = laplacian_pe(adj, k).double().numpy()
+    assert pe.shape[1] == k
+    assert np.allclose(pe.T @ pe, np.eye(k), atol=1e-5)
+    lap = normalized_laplacian(adj)
+    lv = lap @ pe
+    vals = np.sum(pe * lv, axis=0)                       # Rayleigh quotients
+    assert np.allclose(lv, pe * vals, atol=1e-4)         # eigenvectors
+    assert np.all(np.diff(vals) >= -1e-8) and vals[0] >= -1e-8
+    return vals
+
+
+def test_laplacian_pe_dense_path_skips_trivial_vector():
+    adj = knn_adjacency(np.random.default_rng(4).random((300, 2)), 5)
+    vals = _pe_checks(adj, 6)
+    all_vals = np.linalg.eigvalsh(normalized_laplacian(adj).toarray())
+    assert np.allclose(vals, all_vals[1:7], atol=1e-8)
+
+
+def test_laplacian_pe_sparse_path_100k_under_a_minute():
+    adj = knn_adjacency(np.random.default_rng(5).random((100_000, 2)), 8)
+    start = time.perf_counter()
+    _pe_checks(adj, 8)
+    assert time.perf_counter() - start < 60
+
+
+def test_laplacian_pe_small_graph_pads_with_zeros():
+    pe = laplacian_pe(np.ones((3, 3)), 5)
+    assert pe.shape == (3, 5) and torch.all(pe[:, 2:] == 0)
