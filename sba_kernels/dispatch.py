@@ -7,10 +7,8 @@ and skipped from then on, so a broken toolchain costs one warning, not a crash.
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
-from functools import lru_cache
 
 import torch
 
@@ -24,14 +22,17 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
-def _triton_importable() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # any import failure (missing, broken install) means "not here"
         return False
     return True
+
+
+# Probed once at import: dispatch runs inside torch.compile traces, which should see constants.
+_TRITON = _probe_triton()
 
 
 def _cuda_extension_ready() -> bool:
@@ -45,7 +46,7 @@ def backend_supports(name: str, device: torch.device) -> bool:
     if name == "torch":
         return True
     if name == "triton":
-        if not _triton_importable():
+        if not _TRITON:
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
     if name == "cuda":
@@ -63,10 +64,12 @@ def available_backends() -> list[str]:
 def module_for(name: str):
     """The module implementing backend ``name`` (imported on first use)."""
     if name == "torch":
-        return importlib.import_module(".reference", __package__)
-    if name == "triton":
-        return importlib.import_module(".triton_backend", __package__)
-    return importlib.import_module(".cuda_backend", __package__)
+        from . import reference as module
+    elif name == "triton":
+        from . import triton_backend as module
+    else:
+        from . import cuda_backend as module
+    return module
 
 
 def choose(backend: str, device: torch.device) -> list[str]:
@@ -89,7 +92,7 @@ def choose(backend: str, device: torch.device) -> list[str]:
 
 def why_unavailable(name: str, device: torch.device) -> str:
     if name == "triton":
-        if not _triton_importable():
+        if not _TRITON:
             return "triton is not installed (pip install triton)"
         return "triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
     if name == "cuda":
@@ -114,14 +117,12 @@ def run(op: str, backend: str, device: torch.device, *args):
     return getattr(module_for(last), op)(*args)
 
 
-@lru_cache(maxsize=None)
 def _compile_errors() -> tuple:
-    errors: list = []
-    if _triton_importable():
+    from . import cuda_backend
+
+    errors: list = [cuda_backend.BuildError]
+    if _TRITON:
         from triton.compiler.errors import CompilationError
 
         errors.append(CompilationError)
-    from . import cuda_backend
-
-    errors.append(cuda_backend.BuildError)
     return tuple(errors)

@@ -142,6 +142,8 @@ class Partition:
         out = Partition.__new__(Partition)
         out.index, out.lengths = self.index.to(device), self.lengths.to(device)
         out.num_nodes, out._cache = self.num_nodes, {}
+        if "assignment" in self._cache:   # keep it built: traced code (torch.compile) should not build it
+            out._cache["assignment"] = self._cache["assignment"].to(device)
         return out
 
     def parts(self) -> list[list[int]]:

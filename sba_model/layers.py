@@ -40,7 +40,17 @@ def subgraph_blocks(adjacency, partition: Partition) -> torch.Tensor:
 
 
 class _HoldsPartition(nn.Module):
-    """Keeps ``self.partition`` on the module's device: ``.to()``/``.cuda()`` move it too."""
+    """Keeps ``self.partition`` on the module's device: ``.to()``/``.cuda()`` move it too.
+
+    The partition's ``assignment`` is built here, eagerly, so that a torch.compile trace of
+    ``forward`` only reads it (building it is data-dependent indexing).
+    """
+
+    def _hold(self, partition: Partition) -> None:
+        if not isinstance(partition, Partition):
+            raise TypeError(f"partition must be a sba_kernels.Partition, got {type(partition).__name__}")
+        partition.assignment  # built now, only read later
+        self.partition = partition
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -61,7 +71,8 @@ class IntraAttention(_HoldsPartition):
                  backend: str = "auto"):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, _head_dim(embed_dim, num_heads)
-        self.partition, self.backend = partition, backend
+        self._hold(partition)
+        self.backend = backend
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
         if adjacency is not None:
@@ -126,9 +137,7 @@ class SBAttention(_HoldsPartition):
     def __init__(self, embed_dim: int, num_heads: int, partition: Partition, *, dropout: float = 0.0,
                  backend: str = "auto", adjacency=None):
         super().__init__()
-        if not isinstance(partition, Partition):
-            raise TypeError(f"partition must be a sba_kernels.Partition, got {type(partition).__name__}")
-        self.partition = partition
+        self._hold(partition)
         self.intra = IntraAttention(embed_dim, num_heads, partition, adjacency=adjacency, backend=backend)
         self.inter = InterAttention(embed_dim, num_heads, backend=backend)
         self.dropout = nn.Dropout(dropout)
@@ -159,7 +168,8 @@ class SBABlock(_HoldsPartition):
     def __init__(self, dim: int, num_heads: int, partition: Partition, *, mlp_ratio: float = 4.0,
                  dropout: float = 0.0, backend: str = "auto", adjacency=None, inter: bool = True):
         super().__init__()
-        self.partition, self.backend = partition, backend
+        self._hold(partition)
+        self.backend = backend
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.intra = IntraAttention(dim, num_heads, partition, adjacency=adjacency, backend=backend)
         self.mlp = _mlp(dim, mlp_ratio, dropout)

@@ -78,9 +78,13 @@ def loop_segment_mean(x, partition: Partition):
     return torch.stack([x[:, nodes].mean(1) for nodes in partition.parts()], dim=1)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; inf if out has a NaN."""
-    out, ref = out.double(), ref.double()
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-300) -> float:
+    """``||out - ref|| / max(||ref||, floor)`` in float64; inf if out has a NaN.
+
+    ``floor`` matters where the true value can be exactly zero (the q and k gradients of a
+    partition made only of singletons), so that rounding noise is not divided by zero.
+    """
+    out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return float("inf")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+    return float((out - ref).norm() / ref.norm().clamp_min(floor))

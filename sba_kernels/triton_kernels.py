@@ -1,0 +1,278 @@
+"""Triton kernels for SBA: subgraph attention (forward, dQ, dK/dV, dBias) and segment mean.
+
+Conventions shared by every attention kernel:
+
+* node tensors are ``[B, N, H, d]`` with the last dim contiguous; a program handles one
+  ``(batch, head)`` and one tile of one subgraph: grid axis 0 runs over ``P x tiles_per_part``
+  (``tiles_per_part = ceil(M / BLOCK)``), and a program whose tile starts past its subgraph's
+  end returns at once. Grid sizes depend on shapes only, which keeps the ops traceable by
+  torch.compile; METIS partitions are near-uniform, so few programs idle;
+* a tile's rows are gathered through ``index[part, slot]``: slot ``s`` of subgraph ``p`` is
+  node ``index[p, s]``; slots ``>= lengths[p]`` are masked out;
+* scores live in log2 units (``scale * log2(e)`` folded into one multiplier) so the softmax
+  uses ``exp2``; the saved log-sum-exp ``lse`` is in the same units, fp32 ``[B, H, N]``;
+* the bias is indexed by slot: ``bias[h, p, i, j]`` at ``h * s_bh + p * s_bp + i * s_bi + j``
+  (``s_bh = 0`` when one bias is shared by all heads).
+
+Dense attention among P tokens is the same computation over one subgraph holding them all.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _tile_rows(Index, part, start, length, M, BLOCK: tl.constexpr):
+    """Slots ``start..start+BLOCK`` of subgraph ``part``: (slots, mask, node ids as int64)."""
+    slots = start + tl.arange(0, BLOCK)
+    mask = slots < length
+    rows = tl.load(Index + part.to(tl.int64) * M + slots, mask=mask, other=0).to(tl.int64)
+    return slots, mask, rows
+
+
+@triton.jit
+def _load_rows(Base, rows, stride_n, row_mask, offs_d, HEAD_DIM: tl.constexpr):
+    """A ``[len(rows), BLOCK_D]`` tile of rows of one (batch, head) slice; zeros where masked."""
+    ptrs = Base + rows[:, None] * stride_n + offs_d[None, :]
+    return tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(Base, rows, stride_n, row_mask, offs_d, value, HEAD_DIM: tl.constexpr):
+    ptrs = Base + rows[:, None] * stride_n + offs_d[None, :]
+    tl.store(ptrs, value.to(Base.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale,
+            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` scores in log2 units: ``(scale * q.k + bias) * log2(e)``."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        b_ptrs = Bias + bias_off + slots_m[:, None] * s_bi + slots_n[None, :]
+        s += tl.load(b_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * LOG2E
+    return s
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def attention_fwd(Q, K, V, O, LSE, Bias, Index, Lengths, TILES_PER_PART,
+                  s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
+                  s_bh, s_bp, s_bi, H, N, M, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile of one subgraph for one (batch, head): online softmax over its keys."""
+    part = tl.program_id(0) // TILES_PER_PART
+    length = tl.load(Lengths + part)
+    start = (tl.program_id(0) % TILES_PER_PART) * BLOCK_M
+    if start >= length:
+        return
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, BLOCK_M)
+    q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
+    bias_off = h.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for k_start in range(0, length, BLOCK_N):
+        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
+        k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
+        v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
+        s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # Slot 0 of every tile row is a real key on the first pass, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    _store_rows(O + b * s_ob + h * s_oh, rows_m, s_on, mask_m, offs_d, acc, HEAD_DIM)
+    tl.store(LSE + (b * H + h) * N + rows_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def attention_bwd_delta(O, DO, Delta, s_ob, s_on, s_oh, s_db, s_dn, s_dh, H, N,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``delta[b, h, n] = sum_d dO * O``, fp32."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    mask = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * s_ob + h * s_oh, rows, s_on, mask, offs_d, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO + b * s_db + h * s_dh, rows, s_dn, mask, offs_d, HEAD_DIM).to(tl.float32)
+    tl.store(Delta + (b * H + h) * N + rows, tl.sum(o * do, 1), mask=mask)
+
+
+@triton.jit
+def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PER_PART,
+                     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                     s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, H, N, M, qk_scale, scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ for one query tile: ``dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j``."""
+    part = tl.program_id(0) // TILES_PER_PART
+    length = tl.load(Lengths + part)
+    start = (tl.program_id(0) % TILES_PER_PART) * BLOCK_M
+    if start >= length:
+        return
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, BLOCK_M)
+    q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
+    do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
+    lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
+    delta = tl.load(Delta + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
+    bias_off = h.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for k_start in range(0, length, BLOCK_N):
+        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
+        k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
+        v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
+        s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    _store_rows(DQ + b * s_gb + h * s_gh, rows_m, s_gn, mask_m, offs_d, dq * scale, HEAD_DIM)
+
+
+@triton.jit
+def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TILES_PER_PART,
+                       s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                       s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, H, N, M, qk_scale, scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV for one key tile: ``dv_j = sum_i p_ij do_i``, ``dk_j = scale * sum_i ds_ij q_i``.
+
+    Each key row is written by exactly one program: no atomics. dk and dv are written with the
+    gradient strides s_g* (contiguous buffers, whatever the strides of k and v).
+    """
+    part = tl.program_id(0) // TILES_PER_PART
+    length = tl.load(Lengths + part)
+    start = (tl.program_id(0) % TILES_PER_PART) * BLOCK_N
+    if start >= length:
+        return
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    slots_n, mask_n, rows_n = _tile_rows(Index, part, start, length, M, BLOCK_N)
+    k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
+    v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
+    bias_off = h.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for q_start in range(0, length, BLOCK_M):
+        slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, BLOCK_M)
+        q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
+        do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
+        lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
+        delta = tl.load(Delta + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
+        s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    _store_rows(DK + b * s_gb + h * s_gh, rows_n, s_gn, mask_n, offs_d, dk * scale, HEAD_DIM)
+    _store_rows(DV + b * s_gb + h * s_gh, rows_n, s_gn, mask_n, offs_d, dv, HEAD_DIM)
+
+
+@triton.jit
+def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_TILES, K_TILES,
+                        s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                        s_bh, s_bp, s_bi, B, H, N, M, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SHARED_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """dBias for one (query tile, key tile) pair of a subgraph: ``sum_{b[,h]} ds``.
+
+    The bias is broadcast over the batch (and over heads when SHARED_BIAS), so its gradient
+    sums ds over them. One program owns each bias tile and loops over the batch (and heads) in
+    a fixed order: deterministic, no atomics, and no B x H-sized buffer. Grid:
+    (P x Q_TILES x K_TILES, heads of the bias). DBias has Bias's layout.
+    """
+    part = tl.program_id(0) // (Q_TILES * K_TILES)
+    pair = tl.program_id(0) % (Q_TILES * K_TILES)
+    length = tl.load(Lengths + part)
+    q_start = (pair // K_TILES) * BLOCK_M
+    k_start = (pair % K_TILES) * BLOCK_N
+    if (q_start >= length) | (k_start >= length):
+        return
+    hb = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, BLOCK_M)
+    slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
+    bias_off = hb.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+    n_heads = 1
+    if SHARED_BIAS:
+        n_heads = H
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for i in range(0, B * n_heads):
+        b = (i // n_heads).to(tl.int64)
+        if SHARED_BIAS:
+            h = i % n_heads
+        else:
+            h = hb
+        q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
+        do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
+        k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
+        v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
+        lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
+        delta = tl.load(Delta + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
+        s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, True, PRECISION)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dbias += p * (dp - delta[:, None])
+    ptrs = DBias + bias_off + slots_m[:, None] * s_bi + slots_n[None, :]
+    tl.store(ptrs, dbias.to(DBias.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- segment mean
+@triton.jit
+def segment_mean_fwd(X, Z, Index, Lengths, s_xb, s_xn, s_zb, s_zp, C, M,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``z[b, p, c] = mean_{i in S_p} x[b, i, c]``. Grid: (P, B, channel blocks)."""
+    part = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    length = tl.load(Lengths + part)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, length, BLOCK_R):
+        _, mask_r, rows = _tile_rows(Index, part, start, length, M, BLOCK_R)
+        x = tl.load(X + b * s_xb + rows[:, None] * s_xn + offs_c[None, :],
+                    mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    z = acc / length.to(tl.float32)
+    tl.store(Z + b * s_zb + part.to(tl.int64) * s_zp + offs_c, z.to(Z.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def segment_mean_bwd(DZ, DX, Assignment, Lengths, s_zb, s_zp, s_xb, s_xn, N, C,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``dx[b, i, c] = dz[b, part(i), c] / n_part(i)``. Grid: (node blocks, B, channel blocks)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_r = rows < N
+    mask = mask_r[:, None] & (offs_c[None, :] < C)
+    part = tl.load(Assignment + rows, mask=mask_r, other=0)
+    inv_n = 1.0 / tl.load(Lengths + part, mask=mask_r, other=1).to(tl.float32)
+    dz = tl.load(DZ + b * s_zb + part[:, None] * s_zp + offs_c[None, :], mask=mask, other=0.0)
+    dx = dz.to(tl.float32) * inv_n[:, None]
+    tl.store(DX + b * s_xb + rows[:, None] * s_xn + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=mask)

@@ -1,0 +1,151 @@
+"""The triton backend against the float64 dense reference (SPEC section 5).
+
+Without a GPU these run in Triton's interpreter on CPU tensors in fp32 (conftest sets
+TRITON_INTERPRET=1). With a GPU the same cases run on CUDA in fp32 (IEEE dots), tf32 and bf16.
+Outputs start as NaN (POISON), so an element no program writes fails the check.
+"""
+
+import pytest
+import torch
+
+import sba_kernels as sk
+from sba_kernels import triton_backend
+from helpers import dense_attention, dense_masked_attention, loop_segment_mean, random_partition, rel_err
+
+F64 = torch.float64
+if torch.cuda.is_available():
+    MODES = [("cuda", torch.float32, False, 1e-5), ("cuda", torch.float32, True, 1e-3),
+             ("cuda", torch.bfloat16, False, 1e-2)]
+else:
+    MODES = [("cpu", torch.float32, False, 1e-5)]
+MODE_IDS = [f"{dev}-{'tf32' if tf32 else str(dt).split('.')[1]}" for dev, dt, tf32, _ in MODES]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(triton_backend, "POISON", True)
+
+
+@pytest.fixture(params=MODES, ids=MODE_IDS)
+def mode(request):
+    device, dtype, tf32, tol = request.param
+    saved = torch.backends.cuda.matmul.allow_tf32       # a property: set and restore by hand
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    yield device, dtype, tol
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _run_and_compare(fn, ref_fn, inputs, device, dtype, tol, generator):
+    """Forward and backward of ``fn`` on ``inputs`` cast to dtype/device vs ``ref_fn`` in
+    float64; asserts output and every gradient within tol (gradients 2 x tol)."""
+    ours = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in inputs]
+    ref = [t.to(F64, copy=True).requires_grad_() for t in inputs]
+    out = fn(*ours)
+    expect = ref_fn(*ref)
+    grad_out = torch.randn(expect.shape, generator=generator, dtype=F64)
+    out.backward(grad_out.to(device=device, dtype=dtype))
+    expect.backward(grad_out)
+    assert out.dtype == dtype and out.device.type == device
+    assert rel_err(out.cpu(), expect) <= tol, "output"
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert rel_err(a.grad.cpu(), b.grad) <= 2 * tol, f"gradient of input {i}"
+    return out
+
+
+@pytest.mark.parametrize("bias_kind", [None, "shared", "per_head"])
+def test_intra_matches_reference(mode, bias_kind):
+    device, dtype, tol = mode
+    g = torch.Generator().manual_seed(hash(bias_kind) % 1000)
+    part = random_partition(170, max_size=11, giant=83, generator=g)     # giant > one 64-row tile
+    assert part.max_size == 83 and 1 in part.lengths.tolist()
+    B, H, d = 2, 2, 16
+    inputs = [torch.randn(B, 170, H, d, generator=g) for _ in range(3)]
+    if bias_kind:
+        shape = (part.num_parts, part.max_size, part.max_size)
+        inputs.append(torch.randn(((H,) if bias_kind == "per_head" else ()) + shape, generator=g))
+    dpart = part.to(device)
+
+    def ours(q, k, v, *bias):
+        return sk.intra_attention(q, k, v, dpart, bias=bias[0] if bias else None, scale=0.5, backend="triton")
+
+    def ref(q, k, v, *bias):
+        return dense_masked_attention(q, k, v, part, bias[0] if bias else None, scale=0.5)
+
+    _run_and_compare(ours, ref, inputs, device, dtype, tol, g)
+
+
+@pytest.mark.parametrize("bias_shape", [None, "PP", "HPP"])
+def test_inter_matches_reference(mode, bias_shape):
+    device, dtype, tol = mode
+    g = torch.Generator().manual_seed(11)
+    B, P, H, d = 2, 150, 2, 32                 # P spans several query and key tiles
+    inputs = [torch.randn(B, P, H, d, generator=g) for _ in range(3)]
+    if bias_shape:
+        inputs.append(torch.randn(((H,) if bias_shape == "HPP" else ()) + (P, P), generator=g))
+
+    def ours(q, k, v, *bias):
+        return sk.inter_attention(q, k, v, bias=bias[0] if bias else None, backend="triton")
+
+    def ref(q, k, v, *bias):
+        return dense_attention(q, k, v, bias[0] if bias else None)
+
+    _run_and_compare(ours, ref, inputs, device, dtype, tol, g)
+
+
+def test_segment_mean_matches_reference(mode):
+    device, dtype, tol = mode
+    g = torch.Generator().manual_seed(12)
+    part = random_partition(200, max_size=13, giant=70, generator=g)
+    dpart = part.to(device)
+    x = torch.randn(3, 200, 150, generator=g)   # C spans two channel blocks
+    _run_and_compare(lambda x: sk.segment_mean(x, dpart, backend="triton"),
+                     lambda x: loop_segment_mean(x, part), [x], device, dtype, tol, g)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24, 32, 64, 128])
+def test_head_dims_forward(mode, head_dim):
+    device, dtype, tol = mode
+    g = torch.Generator().manual_seed(head_dim)
+    part = random_partition(50, max_size=20, generator=g)
+    q, k, v = (torch.randn(1, 50, 2, head_dim, generator=g) for _ in range(3))
+    out = sk.intra_attention(*(t.to(device, dtype) for t in (q, k, v)), part.to(device), backend="triton")
+    assert rel_err(out.cpu(), dense_masked_attention(q.double(), k.double(), v.double(), part)) <= tol
+
+
+def test_noncontiguous_inputs_and_large_logits(mode):
+    device, dtype, tol = mode
+    g = torch.Generator().manual_seed(13)
+    part = random_partition(90, max_size=12, generator=g)
+    qkv = torch.randn(2, 90, 3, 2, 16, generator=g)          # as a fused projection lays it out
+    q, k, v = (t.to(device, dtype) for t in qkv.unbind(2))
+    assert not q.is_contiguous()
+    out = sk.intra_attention(q, k, v, part.to(device), scale=100 / 4, backend="triton")
+    ref = dense_masked_attention(*(t.double() for t in qkv.unbind(2)), part, scale=100 / 4)
+    assert torch.isfinite(out).all()
+    # Softmax at scale 100 is nearly one-hot: rounding of q.k moves the argmax rarely but can.
+    assert rel_err(out.cpu(), ref) <= max(tol, 1e-4) * 10
+
+
+def test_backward_is_deterministic(mode):
+    device, dtype, _ = mode
+    g = torch.Generator().manual_seed(14)
+    part = random_partition(120, max_size=9, giant=70, generator=g).to(device)
+    base = [torch.randn(2, 120, 2, 16, generator=g).to(device, dtype) for _ in range(3)]
+    bias = torch.randn(part.num_parts, part.max_size, part.max_size, generator=g).to(device, dtype)
+    grads = []
+    for _ in range(2):
+        ins = [t.clone().requires_grad_() for t in base + [bias]]
+        sk.intra_attention(*ins[:3], part, bias=ins[3], backend="triton").sum().backward()
+        grads.append([t.grad for t in ins])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_bias_without_grad_and_explicit_backend_errors():
+    g = torch.Generator().manual_seed(15)
+    part = random_partition(30, max_size=6, generator=g)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, 30, 2, 16, generator=g, device="cpu").to(dev).requires_grad_()
+    bias = torch.randn(part.num_parts, part.max_size, part.max_size).to(dev)     # no grad wanted
+    sk.intra_attention(q, q, q, part.to(dev), bias=bias, backend="triton").sum().backward()
+    assert q.grad is not None and bias.grad is None and torch.isfinite(q.grad).all()
