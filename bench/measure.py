@@ -1,0 +1,86 @@
+"""Timing and peak memory of one method at one size, on a GPU or a CPU.
+
+GPU: median of `triton.testing.do_bench` (CUDA events, warm-up first); peak memory is
+``max_memory_allocated`` after a reset, minus what was allocated before the call.
+CPU: median wall time of repeated calls after a warm-up; peak memory is the process's peak
+resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before
+the call. CPU points run in a fresh process each (see scaling.py), so one point's allocator
+cache cannot hide another's.
+
+Forward is measured under ``torch.no_grad()`` (inference); forward+backward with inputs that
+require grad and a random output gradient.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> int:
+    """Reset the peak resident set to the current one; return the current one in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kb("VmRSS") * 1024
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Bytes the call adds at its peak over what was held before it. Call ``fn`` once before,
+    so one-time setup (autograd's threads, compiled kernels, workspaces) stays out."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = _reset_cpu_peak()
+    fn()
+    return max(0, _proc_status_kb("VmHWM") * 1024 - before)
+
+
+def median_ms(fn: Callable[[], object], device: str, budget_s: float) -> float:
+    """Median milliseconds per call, spending about ``budget_s`` seconds in timed calls (at
+    least one). Call ``fn`` once before: the first call's setup is not timed."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=max(1, int(budget_s * 250)), rep=max(1, int(budget_s * 1000)),
+                                             return_mode="median"))
+    times, spent = [], 0.0
+    while not times or (spent < budget_s and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = median_ms(lambda: dst.copy_(src), device, budget_s=0.5)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def attention_floor_bytes(batch: int, nodes: int, heads: int, head_dim: int, elem: int, backward: bool) -> int:
+    """Fewest bytes subgraph attention must move (SPEC 5b): forward reads q, k, v and writes o
+    and the fp32 log-sum-exp; backward also reads o, dO, lse and writes dq, dk, dv."""
+    tokens = batch * nodes * heads
+    fwd = 4 * tokens * head_dim * elem + 4 * tokens
+    if not backward:
+        return fwd
+    return fwd + 8 * tokens * head_dim * elem + 4 * tokens

@@ -1,0 +1,105 @@
+"""What the benchmark compares. Each method turns ``(q, k, v, partition)`` into a callable
+computing attention over ``[B, N, H, d]`` tokens; setup (masks, compiled kernels, layers) is
+done once, outside the timed region.
+
+Same work as SBA's intra-subgraph attention (block-diagonal attention):
+  ``intra[<backend>]``  sba_kernels.intra_attention
+  ``sdpa_dense_mask``   SDPA with a dense ``[N, N]`` block-diagonal boolean mask
+  ``sdpa_padded``       subgraphs gathered into a padded ``[B*P, H, M, d]`` batch, key padding masked
+  ``flex_document``     FlexAttention with a document BlockMask, compiled
+What SBA replaces and what a user runs:
+  ``sdpa_full``         SDPA over all N tokens (full attention)
+  ``sba_layer[<backend>]``  the SBAttention layer (projections, intra, pooling, inter)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import sba_kernels as sk
+from sba_kernels import Partition
+from sba_model import SBAttention
+
+Method = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bhnd(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)
+
+
+def intra(backend: str):
+    def build(q, k, v, partition: Partition) -> Method:
+        return lambda q, k, v: sk.intra_attention(q, k, v, partition, backend=backend)
+    return build
+
+
+def sba_layer(backend: str):
+    def build(q, k, v, partition: Partition) -> Method:
+        B, N, H, d = q.shape
+        layer = SBAttention(H * d, H, partition, backend=backend).to(q.device, q.dtype)
+        return lambda q, k, v: layer(q.reshape(B, N, H * d)).view(B, N, H, d)
+    return build
+
+
+def sdpa_full(q, k, v, partition: Partition) -> Method:
+    return lambda q, k, v: _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v)))
+
+
+def sdpa_dense_mask(q, k, v, partition: Partition) -> Method:
+    a = partition.assignment
+    mask = a.unsqueeze(0) == a.unsqueeze(1)                      # [N, N] bool: O(N^2) memory
+    return lambda q, k, v: _bhnd(F.scaled_dot_product_attention(_bhnd(q), _bhnd(k), _bhnd(v), attn_mask=mask))
+
+
+def sdpa_padded(q, k, v, partition: Partition) -> Method:
+    index = partition.index.long()
+    valid = index >= 0                                            # [P, M]
+    safe = index.clamp_min(0)
+    key_mask = valid[:, None, None, :]                            # [P, 1, 1, M] broadcast over B*P, H
+    nodes = index[valid]
+
+    def run(q, k, v):
+        B, N, H, d = q.shape
+        P, M = index.shape
+
+        def pad(t):                                               # [B, N, H, d] -> [B*P, H, M, d]
+            return t[:, safe].permute(0, 1, 3, 2, 4).reshape(B * P, H, M, d)
+
+        mask = key_mask.expand(B, -1, -1, -1, -1).reshape(B * P, 1, 1, M)
+        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
+        o = o.reshape(B, P, H, M, d).permute(0, 1, 3, 2, 4)[:, valid]      # [B, N_real, H, d]
+        return torch.zeros_like(q).index_copy(1, nodes, o)
+
+    return run
+
+
+def flex_document(q, k, v, partition: Partition) -> Method:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    doc = partition.assignment
+
+    def same_subgraph(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    N = q.shape[1]
+    block = 128 if q.is_cuda else 32
+    mask = create_block_mask(same_subgraph, None, None, N, N, device=q.device, BLOCK_SIZE=block)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: _bhnd(compiled(_bhnd(q), _bhnd(k), _bhnd(v), block_mask=mask))
+
+
+def registry(device: str) -> dict[str, Callable]:
+    """Method name -> builder, for the backends usable on ``device`` (the Triton interpreter
+    is never timed: on the CPU only the torch backend runs)."""
+    backends = [b for b in sk.available_backends() if device == "cuda" or b == "torch"]
+    methods: dict[str, Callable] = {}
+    for b in backends:
+        methods[f"intra[{b}]"] = intra(b)
+    for b in backends:
+        methods[f"sba_layer[{b}]"] = sba_layer(b)
+    methods.update(sdpa_full=sdpa_full, sdpa_dense_mask=sdpa_dense_mask, sdpa_padded=sdpa_padded,
+                   flex_document=flex_document)
+    return methods

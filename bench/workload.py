@@ -1,0 +1,54 @@
+"""The benchmark's workload: a sensor-like graph of N nodes, its METIS partition, and inputs.
+
+Nodes are random points in the unit square joined to their 8 nearest neighbours (a road
+network's degree); METIS splits them into ``ceil(N / subgraph_size)`` parts, and nodes are
+renumbered so each part is a contiguous run, as `SBATransformer` does. That order is what
+the peers see too, so FlexAttention's block mask is as sparse as it can be.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sba_kernels import Partition
+from sba_model import knn_adjacency, multiscale_partitions
+
+
+@dataclass(frozen=True)
+class Config:
+    """One sweep's fixed settings."""
+
+    batch: int
+    heads: int
+    head_dim: int
+    subgraph_size: int
+    dtype: str
+    device: str
+    backward: bool
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+def build_partition(num_nodes: int, subgraph_size: int, seed: int = 0) -> Partition:
+    """METIS partition of a k-NN graph on random points, nodes renumbered so parts are contiguous."""
+    points = np.random.default_rng(seed).random((num_nodes, 2))
+    adjacency = knn_adjacency(points, k=min(8, num_nodes - 1))
+    parts, _ = multiscale_partitions(adjacency, [max(1, math.ceil(num_nodes / subgraph_size))], seed=seed)
+    return parts[0]
+
+
+def make_inputs(num_nodes: int, cfg: Config, *, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``[B, N, H, d]`` drawn from N(0, 1) (never zeros: zeros time faster than data)."""
+    g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    shape = (cfg.batch, num_nodes, cfg.heads, cfg.head_dim)
+    return tuple(
+        torch.randn(shape, generator=g, device=cfg.device, dtype=cfg.torch_dtype).requires_grad_(requires_grad)
+        for _ in range(3)
+    )
