@@ -1,0 +1,43 @@
+"""The README's code runs as written, CI runs the README's test command, and the main job
+(bench/scaling.py) writes its files with slopes that follow the math."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("block", re.findall(r"```python\n(.*?)```", README, flags=re.S))
+def test_readme_python_blocks_run(block, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+    assert any("bench/scaling.py" in c for c in commands)
+
+
+def test_scaling_script_writes_files_and_slopes_follow_the_math(tmp_path):
+    out = tmp_path / "scaling"
+    cmd = [sys.executable, str(ROOT / "bench" / "scaling.py"), "--device", "cpu", "--n", "1024", "2048", "4096",
+           "8192", "--methods", "intra[torch]", "sdpa_full", "sdpa_dense_mask", "--no-backward",
+           "--budget", "0.15", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    for name in ("scaling.csv", "scaling.json", "time.png", "memory.png"):
+        assert (out / name).stat().st_size > 0
+    doc = json.loads((out / "scaling.json").read_text())
+    assert doc["environment"]["torch"] and doc["config"]["device"] == "cpu"
+    slopes = doc["slopes"]
+    assert slopes["intra[torch]"]["fwd_ms"] < 1.4                 # linear in N
+    assert slopes["intra[torch]"]["fwd_peak_bytes"] < 1.3
+    assert slopes["sdpa_full"]["fwd_ms"] > 1.6                    # quadratic in N
+    assert slopes["sdpa_dense_mask"]["fwd_peak_bytes"] > 1.6      # the N x N mask and scores
