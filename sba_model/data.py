@@ -1,0 +1,306 @@
+"""Spatiotemporal data: one on-disk format, converters for the bundled datasets, a synthetic
+default, windows, chronological splits and a scaler fitted on training data only.
+
+The format is one ``.npz`` file with
+
+* ``values``  float ``[T, N, C]``: the series (T steps, N sensors, C channels);
+* ``mask``    optional bool ``[T, N, C]``: True where a value was observed. Missing values are
+  left out of the loss and the metrics. NaN in ``values`` is allowed only where ``mask`` is False;
+* ``timestamps`` optional ``[T]`` datetime64 or int64 seconds since 1970, evenly spaced. They
+  enable time-of-day and day-of-week features;
+* one of ``adjacency`` ``[N, N]`` (weights), ``distances`` ``[N, N]`` (thresholded Gaussian
+  kernel, as in DCRNN), or ``coords`` ``[N, 2]`` (latitude, longitude in degrees: haversine
+  distances, then the same kernel).
+
+Write one with `save_npz` (or ``numpy.savez``) and train with
+``python -m sba_model.train --data your_file.npz``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .adjacency import gaussian_kernel_adjacency, haversine_distances, to_csr
+
+__all__ = ["SeriesData", "load", "load_npz", "save_npz", "synthetic", "Scaler", "Windows", "split_windows",
+           "BUILTIN"]
+
+BUILTIN = ("synthetic", "los_loop", "sz_taxi", "charged_mel")
+
+
+@dataclass
+class SeriesData:
+    """A dataset in memory: values ``[T, N, C]`` (missing entries hold 0), mask, graph, times."""
+
+    name: str
+    values: np.ndarray                     # float32 [T, N, C]
+    mask: np.ndarray                       # bool    [T, N, C]
+    adjacency: sp.csr_matrix               # [N, N]
+    timestamps: Optional[np.ndarray] = None  # datetime64[s] [T]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.values.shape
+
+    @property
+    def step_minutes(self) -> Optional[float]:
+        if self.timestamps is None or len(self.timestamps) < 2:
+            return None
+        return float((self.timestamps[1] - self.timestamps[0]) / np.timedelta64(1, "m"))
+
+    @property
+    def steps_per_day(self) -> Optional[int]:
+        step = self.step_minutes
+        if step is None or step <= 0 or (24 * 60) % step:
+            return None
+        return int(24 * 60 // step)
+
+    def time_features(self) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """(time-of-day slot ``[T]`` in 0..steps_per_day-1, day of week ``[T]`` in 0..6, Monday 0)."""
+        if self.steps_per_day is None:
+            return None, None
+        minutes = (self.timestamps - self.timestamps.astype("datetime64[D]")) / np.timedelta64(1, "m")
+        tod = (minutes // self.step_minutes).astype(np.int64)
+        dow = ((self.timestamps.astype("datetime64[D]").astype(np.int64) + 3) % 7).astype(np.int64)  # 1970-01-01 = Thu
+        return tod, dow
+
+
+# ----------------------------------------------------------------------------- the format
+def _fail(key: str, why: str):
+    raise ValueError(f"{key}: {why}")
+
+
+def validate(arrays: dict, name: str = "data") -> SeriesData:
+    """Check an in-memory version of the format and build a `SeriesData`; ValueError names the key."""
+    if "values" not in arrays:
+        _fail("values", "missing (the [T, N, C] series is required)")
+    values = np.asarray(arrays["values"], dtype=np.float64)
+    if values.ndim == 2:
+        values = values[:, :, None]
+    if values.ndim != 3 or min(values.shape) < 1:
+        _fail("values", f"must be [T, N, C], got shape {values.shape}")
+    T, N, C = values.shape
+    if "mask" in arrays:
+        mask = np.asarray(arrays["mask"])
+        if mask.shape != values.shape:
+            _fail("mask", f"must have the shape of values {values.shape}, got {mask.shape}")
+        mask = mask.astype(bool)
+    else:
+        mask = np.ones(values.shape, dtype=bool)
+    bad = ~np.isfinite(values) & mask
+    if bad.any():
+        _fail("values", f"{int(bad.sum())} NaN/inf entries where mask says observed; set mask=False there")
+    values = np.where(mask, values, 0.0)
+
+    timestamps = None
+    if "timestamps" in arrays:
+        ts = np.asarray(arrays["timestamps"])
+        if ts.shape != (T,):
+            _fail("timestamps", f"must be [T] = [{T}], got shape {ts.shape}")
+        ts = ts.astype("datetime64[s]") if np.issubdtype(ts.dtype, np.datetime64) else ts.astype("int64").astype("datetime64[s]")
+        steps = np.diff(ts).astype(np.int64)
+        if T > 1 and (steps[0] <= 0 or np.any(steps != steps[0])):
+            _fail("timestamps", "must be increasing and evenly spaced")
+        timestamps = ts
+
+    graphs = [k for k in ("adjacency", "distances", "coords") if k in arrays]
+    if len(graphs) != 1:
+        _fail("adjacency", f"give exactly one of adjacency, distances, coords; got {graphs or 'none'}")
+    key = graphs[0]
+    g = np.asarray(arrays[key], dtype=np.float64)
+    if key == "coords":
+        if g.shape != (N, 2):
+            _fail("coords", f"must be [N, 2] = [{N}, 2] (lat, lon), got {g.shape}")
+        adjacency = gaussian_kernel_adjacency(haversine_distances(g[:, 0], g[:, 1]))
+    else:
+        if g.shape != (N, N):
+            _fail(key, f"must be [N, N] = [{N}, {N}], got {g.shape}")
+        adjacency = gaussian_kernel_adjacency(g) if key == "distances" else to_csr(g)
+    return SeriesData(name, values.astype(np.float32), mask, adjacency, timestamps)
+
+
+def load_npz(path) -> SeriesData:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data: no such file {path}")
+    with np.load(path, allow_pickle=False) as f:
+        return validate({k: f[k] for k in f.files}, name=path.stem)
+
+
+def save_npz(data: SeriesData, path) -> None:
+    """Write ``data`` in the format (atomically: a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = dict(values=data.values, mask=data.mask, adjacency=data.adjacency.toarray())
+    if data.timestamps is not None:
+        arrays["timestamps"] = data.timestamps.astype("datetime64[s]").astype(np.int64)
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- bundled datasets
+def data_root() -> Path:
+    """``$SBA_DATA_ROOT``, else the ``shared/data`` folder beside this checkout."""
+    env = os.environ.get("SBA_DATA_ROOT")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _even_times(start: str, steps: int, minutes: int) -> np.ndarray:
+    return np.datetime64(start, "s") + np.arange(steps) * np.timedelta64(minutes * 60, "s")
+
+
+def _los_loop(root: Path) -> dict:
+    speed = np.loadtxt(root / "los_loop" / "los_speed.csv", delimiter=",", skiprows=1)
+    adj = np.loadtxt(root / "los_loop" / "los_adj.csv", delimiter=",")
+    # T-GCN's Los-loop: March 1-7, 2012, 5-minute steps.
+    return dict(values=speed, adjacency=adj, timestamps=_even_times("2012-03-01T00:00", len(speed), 5))
+
+
+def _sz_taxi(root: Path) -> dict:
+    with np.load(root / "sz_taxi" / "SZ_taxi.npz") as f:
+        values = f["data"]
+    adj = np.loadtxt(root / "sz_taxi" / "sz_adj.csv", delimiter=",")
+    # Zeros are genuine in SZ-taxi (no traffic), so everything counts as observed.
+    return dict(values=values, adjacency=adj, timestamps=_even_times("2015-01-01T00:00", len(values), 15))
+
+
+def _charged_mel(root: Path) -> dict:
+    folder = root / "charged_mel"
+    with open(folder / "volume.csv") as f:
+        header = f.readline().strip().split(",")[1:]
+    order = np.argsort([int(h) for h in header])          # the file lists sites as 0, 1, 10, 11, ...
+    stamps = np.loadtxt(folder / "volume.csv", delimiter=",", skiprows=1, usecols=0, dtype=str)
+    volume = np.loadtxt(folder / "volume.csv", delimiter=",", skiprows=1, usecols=range(1, len(header) + 1))
+    dist = np.loadtxt(folder / "distance.csv", delimiter=",", skiprows=1)[:, 1:]
+    return dict(values=volume[:, order], distances=dist, timestamps=stamps.astype("datetime64[s]"))
+
+
+def synthetic(num_nodes: int = 120, steps: int = 2016, *, factors: int = 3, seed: int = 0) -> SeriesData:
+    """A process on a random geometric graph that needs both local and global attention.
+
+    Each step: ``x_t = 0.6 * diffuse(x_{t-1}) + 0.4 * L f_t + daily cycle + noise``, where
+    ``diffuse`` averages each sensor with its graph neighbours (near sensors correlated) and
+    ``f_t`` are a few shared AR(1) factors loaded onto random far-apart sensor groups (far
+    sensors correlated). A local-only model misses the factors; a global-only model without
+    the graph misses the diffusion. 5-minute steps from 2024-01-01.
+    """
+    rng = np.random.default_rng(seed)
+    points = rng.random((num_nodes, 2))
+    d = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    adjacency = gaussian_kernel_adjacency(d, sigma=0.1, threshold=0.2)
+    a = adjacency.toarray() + np.eye(num_nodes)
+    diffuse = a / a.sum(1, keepdims=True)
+    loadings = np.zeros((num_nodes, factors))
+    for j in range(factors):
+        group = rng.choice(num_nodes, size=max(2, num_nodes // (2 * factors)), replace=False)
+        loadings[group, j] = rng.uniform(0.5, 1.5, size=group.size)
+    phase = rng.uniform(0, 2 * np.pi, num_nodes)
+    f = np.zeros(factors)
+    x = np.zeros(num_nodes)
+    out = np.empty((steps, num_nodes))
+    for t in range(steps):
+        f = 0.95 * f + rng.normal(0, 0.3, factors)
+        daily = np.sin(2 * np.pi * t / 288 + phase)
+        x = 0.6 * diffuse @ x + 0.4 * loadings @ f + 0.3 * daily + rng.normal(0, 0.1, num_nodes)
+        out[t] = x
+    return SeriesData("synthetic", out[:, :, None].astype(np.float32), np.ones((steps, num_nodes, 1), bool),
+                      adjacency, _even_times("2024-01-01T00:00", steps, 5))
+
+
+def load(source: str) -> SeriesData:
+    """A bundled dataset by name (``synthetic``, ``los_loop``, ``sz_taxi``, ``charged_mel``) or a
+    path to a ``.npz`` in the format."""
+    if source == "synthetic":
+        return synthetic()
+    readers = {"los_loop": _los_loop, "sz_taxi": _sz_taxi, "charged_mel": _charged_mel}
+    if source in readers:
+        root = data_root()
+        if not (root / source).is_dir():
+            raise ValueError(f"data: {source} not found under {root} (set SBA_DATA_ROOT)")
+        return validate(readers[source](root), name=source)
+    if str(source).endswith(".npz"):
+        return load_npz(source)
+    raise ValueError(f"data must be one of {BUILTIN} or a path to a .npz file, got {source!r}")
+
+
+# ----------------------------------------------------------------------------- windows and splits
+@dataclass
+class Scaler:
+    """Per-channel z-score, fitted on observed training values only."""
+
+    mean: np.ndarray   # [C]
+    std: np.ndarray    # [C]
+
+    @classmethod
+    def fit(cls, values: np.ndarray, mask: np.ndarray) -> "Scaler":
+        C = values.shape[-1]
+        v, m = values.reshape(-1, C), mask.reshape(-1, C)
+        mean = np.array([v[m[:, c], c].mean() if m[:, c].any() else 0.0 for c in range(C)])
+        std = np.array([v[m[:, c], c].std() if m[:, c].any() else 1.0 for c in range(C)])
+        return cls(mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
+
+    def transform(self, x):
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.as_tensor(self.std, device=x.device) + torch.as_tensor(self.mean, device=x.device)
+
+
+class Windows:
+    """Sliding windows over one contiguous time range ``[start, stop)``: sample i has inputs
+    ``[start+i, start+i+in_steps)`` and targets right after, all inside the range."""
+
+    def __init__(self, values: torch.Tensor, raw: torch.Tensor, mask: torch.Tensor, tod, dow,
+                 start: int, stop: int, in_steps: int, out_steps: int):
+        self.values, self.raw, self.mask, self.tod, self.dow = values, raw, mask, tod, dow
+        self.in_steps, self.out_steps = in_steps, out_steps
+        self.starts = torch.arange(start, stop - in_steps - out_steps + 1)
+        self.range = (start, stop)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, which: torch.Tensor) -> dict:
+        """``x [b, T_in, N, C]`` (scaled, missing = 0), ``y`` / ``y_mask`` ``[b, T_out, N, C]``
+        (raw units), ``tod`` / ``dow`` ``[b]`` of the last input step (or None)."""
+        s = self.starts[which]
+        t_in = s[:, None] + torch.arange(self.in_steps)
+        t_out = s[:, None] + self.in_steps + torch.arange(self.out_steps)
+        last = s + self.in_steps - 1
+        return dict(x=self.values[t_in], y=self.raw[t_out], y_mask=self.mask[t_out],
+                    tod=None if self.tod is None else self.tod[last],
+                    dow=None if self.dow is None else self.dow[last])
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            yield self.batch(order[i:i + batch_size])
+
+
+def split_windows(data: SeriesData, in_steps: int, out_steps: int, *, test_fraction: float = 0.2,
+                  val_fraction: float = 0.1) -> tuple[dict[str, Windows], Scaler]:
+    """Chronological train / val / test ranges (val is the end of the training part, test the
+    last ``test_fraction``, as in T-GCN's 80/20 protocol), windows inside each range, and a
+    scaler fitted on the training range alone."""
+    T = data.shape[0]
+    t_test = int(round(T * (1 - test_fraction)))
+    t_val = int(round(T * (1 - test_fraction - val_fraction)))
+    bounds = {"train": (0, t_val), "val": (t_val, t_test), "test": (t_test, T)}
+    for name, (a, b) in bounds.items():
+        if b - a < in_steps + out_steps:
+            raise ValueError(f"data: the {name} range has {b - a} steps, fewer than in+out = {in_steps + out_steps}")
+    scaler = Scaler.fit(data.values[:t_val], data.mask[:t_val])
+    scaled = torch.from_numpy(np.where(data.mask, scaler.transform(data.values), 0.0).astype(np.float32))
+    raw, mask = torch.from_numpy(data.values), torch.from_numpy(data.mask)
+    tod, dow = data.time_features()
+    tod = None if tod is None else torch.from_numpy(tod)
+    dow = None if dow is None else torch.from_numpy(dow)
+    windows = {k: Windows(scaled, raw, mask, tod, dow, a, b, in_steps, out_steps) for k, (a, b) in bounds.items()}
+    return windows, scaler

@@ -1,0 +1,296 @@
+"""Train and evaluate a forecasting model: ``python -m sba_model.train --data los_loop``.
+
+A run folder (``--run-dir``, default ``runs/<data>-<model>``) gets
+
+* ``config.json``: every setting of the run;
+* ``last.pt`` / ``best.pt``: checkpoints, written atomically (temporary file, then rename), so
+  a killed run never leaves a broken one. ``--resume`` continues from ``last.pt`` with the same
+  optimizer, scheduler and random-number state;
+* ``metrics.json``: test MAE, RMSE and MAPE per reported horizon and averaged, from the
+  checkpoint with the best validation MAE;
+* ``learning_curve.png``: training loss and validation MAE per epoch.
+
+The loss is masked MAE on de-normalised values: missing values count in neither loss nor metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import data as datasets
+from . import zoo
+
+
+@dataclass
+class TrainConfig:
+    data: str = "synthetic"
+    model: str = "sba"
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    parts: list = field(default_factory=lambda: [16, 4])
+    dim: int = 64
+    heads: int = 4
+    pe_dim: int = 8
+    dropout: float = 0.1
+    in_steps: int = 12
+    out_steps: Optional[int] = None        # default: the largest reported horizon
+    horizons: Optional[list] = None        # steps ahead to report; default 15/30/45/60 minutes
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    run_dir: Optional[str] = None
+    resume: bool = False
+    quiet: bool = False
+
+
+def default_horizons(step_minutes: Optional[float]) -> list[int]:
+    """T-GCN's 15/30/45/60 minutes where the step divides 15 minutes, else 1..4 steps."""
+    if step_minutes and step_minutes <= 15 and 15 % step_minutes == 0:
+        return [int(m // step_minutes) for m in (15, 30, 45, 60)]
+    return [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- loss and metrics
+def masked_mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(pred.dtype)
+    return ((pred - target).abs() * m).sum() / m.sum().clamp_min(1.0)
+
+
+class MetricSums:
+    """Accumulates absolute, squared and percentage errors per horizon over observed targets.
+    MAPE skips targets with ``|y| < mape_floor`` (zero speed or zero energy is genuine data, and
+    dividing by it is meaningless)."""
+
+    def __init__(self, out_steps: int, mape_floor: float = 1e-3):
+        self.abs = torch.zeros(out_steps, dtype=torch.float64)
+        self.sq = torch.zeros(out_steps, dtype=torch.float64)
+        self.pct = torch.zeros(out_steps, dtype=torch.float64)
+        self.count = torch.zeros(out_steps, dtype=torch.float64)
+        self.pct_count = torch.zeros(out_steps, dtype=torch.float64)
+        self.floor = mape_floor
+
+    def add(self, pred, target, mask):
+        dims = (0, 2, 3)
+        err = (pred - target).double()
+        m = mask.double()
+        self.abs += (err.abs() * m).sum(dims).cpu()
+        self.sq += (err.square() * m).sum(dims).cpu()
+        self.count += m.sum(dims).cpu()
+        pm = m * (target.abs() >= self.floor).double()
+        self.pct += (err.abs() / target.abs().clamp_min(self.floor).double() * pm).sum(dims).cpu()
+        self.pct_count += pm.sum(dims).cpu()
+
+    def result(self, horizons: list[int], step_minutes: Optional[float]) -> dict:
+        mae = self.abs / self.count.clamp_min(1)
+        rmse = (self.sq / self.count.clamp_min(1)).sqrt()
+        mape = 100 * self.pct / self.pct_count.clamp_min(1)
+        out = {"horizons": {}, "average": {}}
+        for h in horizons:
+            label = f"{int(h * step_minutes)}min" if step_minutes else f"{h}step"
+            out["horizons"][label] = {"steps": h, "MAE": float(mae[h - 1]), "RMSE": float(rmse[h - 1]),
+                                      "MAPE": float(mape[h - 1])}
+        idx = [h - 1 for h in horizons]
+        out["average"] = {"MAE": float(mae[idx].mean()), "RMSE": float(rmse[idx].mean()),
+                          "MAPE": float(mape[idx].mean())}
+        return out
+
+
+# ----------------------------------------------------------------------------- the loop
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _predict(model, batch, scaler, device):
+    x = batch["x"].to(device)
+    tod = batch["tod"].to(device) if batch["tod"] is not None else None
+    dow = batch["dow"].to(device) if batch["dow"] is not None else None
+    return scaler.inverse(model(x, tod, dow))
+
+
+@torch.no_grad()
+def evaluate(model, windows, scaler, device, batch_size: int) -> MetricSums:
+    model.eval()
+    sums = MetricSums(windows.out_steps)
+    for batch in windows.batches(batch_size, shuffle=False):
+        sums.add(_predict(model, batch, scaler, device), batch["y"].to(device), batch["y_mask"].to(device))
+    return sums
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _plot_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_mae"] for h in history], label="train MAE (loss)")
+    ax.plot(epochs, [h["val_mae"] for h in history], label="validation MAE")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MAE (data units)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train (when the model has weights), pick the best validation epoch, test. Returns the
+    metrics dict also written to ``metrics.json``."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = _device(cfg.device)
+    series = datasets.load(cfg.data)
+    horizons = cfg.horizons or default_horizons(series.step_minutes)
+    out_steps = cfg.out_steps or max(horizons)
+    if max(horizons) > out_steps:
+        raise ValueError(f"horizons {horizons} reach past out_steps={out_steps}")
+    windows, scaler = datasets.split_windows(series, cfg.in_steps, out_steps, test_fraction=cfg.test_fraction,
+                                             val_fraction=cfg.val_fraction)
+    shape = zoo.Shape(series.shape[1], cfg.in_steps, out_steps, series.shape[2], series.steps_per_day)
+    model = zoo.build(cfg.model, series.adjacency, shape, parts=cfg.parts, dim=cfg.dim, num_heads=cfg.heads,
+                      pe_dim=cfg.pe_dim, dropout=cfg.dropout, backend=cfg.backend, seed=cfg.seed).to(device)
+
+    run_dir = Path(cfg.run_dir or f"runs/{Path(cfg.data).stem}-{cfg.model}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "quiet", "device")}
+    settings.update(out_steps=out_steps, horizons=horizons)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if cfg.resume and last_path.exists():
+        saved_cfg = json.loads((run_dir / "config.json").read_text())
+        changed = {k for k in settings if k not in ("epochs", "run_dir") and saved_cfg.get(k) != settings[k]}
+        if changed:
+            raise ValueError(f"resume: the run in {run_dir} used other settings for {sorted(changed)}")
+    (run_dir / "config.json").write_text(json.dumps(settings, indent=1))
+
+    trainable = any(p.requires_grad for p in model.parameters())
+    history, best_val, start_epoch, stale = [], math.inf, 1, 0
+    started = time.perf_counter()
+    if trainable:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
+        shuffle = torch.Generator().manual_seed(cfg.seed)
+        if cfg.resume and last_path.exists():
+            state = torch.load(last_path, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            shuffle.set_state(state["shuffle_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            history, best_val, stale = state["history"], state["best_val"], state["stale"]
+            start_epoch = state["epoch"] + 1
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if stale >= cfg.patience:
+                break
+            model.train()
+            total, count = 0.0, 0
+            bar = tqdm(windows["train"].batches(cfg.batch_size, shuffle=True, generator=shuffle),
+                       total=math.ceil(len(windows["train"]) / cfg.batch_size), leave=False, disable=cfg.quiet,
+                       desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}")
+            for batch in bar:
+                pred = _predict(model, batch, scaler, device)
+                loss = masked_mae(pred, batch["y"].to(device), batch["y_mask"].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                total += loss.item() * len(batch["x"])
+                count += len(batch["x"])
+                bar.set_postfix(mae=f"{total / count:.3f}")
+            sched.step()
+            val = evaluate(model, windows["val"], scaler, device, 2 * cfg.batch_size)
+            val_mae = float((val.abs / val.count.clamp_min(1))[[h - 1 for h in horizons]].mean())
+            history.append({"epoch": epoch, "train_mae": total / count, "val_mae": val_mae,
+                            "seconds": time.perf_counter() - started})
+            if val_mae < best_val:
+                best_val, stale = val_mae, 0
+                save_atomic({"model": model.state_dict(), "epoch": epoch, "val_mae": val_mae}, best_path)
+            else:
+                stale += 1
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                         "history": history, "best_val": best_val, "stale": stale}, last_path)
+            if not cfg.quiet:
+                tqdm.write(f"{cfg.model} epoch {epoch}: train MAE {total / count:.4f}  val MAE {val_mae:.4f}")
+        model.load_state_dict(torch.load(best_path, weights_only=False)["model"])
+        _plot_curve(history, run_dir / "learning_curve.png")
+
+    test = evaluate(model, windows["test"], scaler, device, 2 * cfg.batch_size)
+    metrics = {"data": cfg.data, "model": cfg.model, "parameters": sum(p.numel() for p in model.parameters()),
+               "epochs_run": len(history), "best_val_mae": None if not history else best_val,
+               "train_seconds": time.perf_counter() - started,
+               "test": test.result(horizons, series.step_minutes)}
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, run_dir / "metrics.json")
+    return metrics
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="sba-train", description=__doc__.split("\n\n")[0])
+    d = TrainConfig()
+    p.add_argument("--data", default=d.data, help=f"one of {datasets.BUILTIN} or a .npz in the sba_model.data format")
+    p.add_argument("--model", default=d.model, choices=zoo.MODELS)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping on validation MAE")
+    p.add_argument("--parts", type=int, nargs="+", default=d.parts, help="subgraphs per layer, finest first")
+    p.add_argument("--dim", type=int, default=d.dim)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--pe-dim", type=int, default=d.pe_dim)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--in-steps", type=int, default=d.in_steps)
+    p.add_argument("--out-steps", type=int, default=None)
+    p.add_argument("--horizons", type=int, nargs="+", default=None, help="steps ahead to report")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton", "cuda"])
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    if a.epochs < 1 or a.batch_size < 1 or a.patience < 1:
+        p.error("--epochs, --batch-size and --patience must be >= 1")
+    return TrainConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    metrics = run(cfg)
+    avg = metrics["test"]["average"]
+    print(json.dumps(metrics["test"], indent=1))
+    print(f"{cfg.model} on {cfg.data}: test MAE {avg['MAE']:.4f}  RMSE {avg['RMSE']:.4f}  MAPE {avg['MAPE']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

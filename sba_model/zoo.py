@@ -1,0 +1,116 @@
+"""Every model the training harness runs, built by name from a dataset's graph.
+
+SBATransformer and its ablations:
+  ``sba``               multiscale METIS partitions, Laplacian PE, graph bias, inter attention
+  ``sba_no_inter``      without inter-subgraph attention
+  ``sba_no_multiscale`` the finest partition in every layer
+  ``sba_no_pe``         without Laplacian PE
+  ``sba_random_part``   a random partition with METIS's subgraph sizes instead of METIS's
+Baselines:
+  ``historical_average``  mean of the input window, per node (T-GCN's HA)
+  ``last_value``          the last observed input, repeated
+  ``gru``                 one GRU shared by all nodes over each node's history
+  ``full_attention``      the same transformer with one subgraph holding every node
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sba_kernels import Partition
+
+from .model import SBATransformer
+from .partitioning import multiscale_partitions, partition_graph
+from .pe import laplacian_pe
+
+SBA_VARIANTS = ("sba", "sba_no_inter", "sba_no_multiscale", "sba_no_pe", "sba_random_part")
+BASELINES = ("historical_average", "last_value", "gru", "full_attention")
+MODELS = SBA_VARIANTS + BASELINES
+
+
+@dataclass
+class Shape:
+    """What every model must fit: node count, steps and channels in and out, calendar sizes."""
+
+    num_nodes: int
+    in_steps: int
+    out_steps: int
+    channels: int
+    steps_per_day: int | None
+
+
+class HistoricalAverage(nn.Module):
+    """Predicts each node's mean over the (scaled) input window for every horizon."""
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.out_steps = shape.out_steps
+
+    def forward(self, x, tod=None, dow=None):
+        return x.mean(1, keepdim=True).expand(-1, self.out_steps, -1, -1)
+
+
+class LastValue(HistoricalAverage):
+    """Repeats the last input step for every horizon."""
+
+    def forward(self, x, tod=None, dow=None):
+        return x[:, -1:].expand(-1, self.out_steps, -1, -1)
+
+
+class NodeGRU(nn.Module):
+    """A GRU over each node's own history (shared weights, no spatial mixing) + linear head."""
+
+    def __init__(self, shape: Shape, hidden: int = 64):
+        super().__init__()
+        self.shape = shape
+        self.gru = nn.GRU(shape.channels, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, shape.out_steps * shape.channels)
+
+    def forward(self, x, tod=None, dow=None):
+        B, T, N, C = x.shape
+        _, h = self.gru(x.permute(0, 2, 1, 3).reshape(B * N, T, C))
+        y = self.head(h[-1]).view(B, N, self.shape.out_steps, C)
+        return y.permute(0, 2, 1, 3)
+
+
+def _random_like(partition: Partition, seed: int) -> Partition:
+    """Random node groups with the sizes of ``partition``'s subgraphs."""
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(partition.num_nodes))
+    sizes = partition.lengths.tolist()
+    starts = np.cumsum([0] + sizes[:-1])
+    return Partition.from_parts([order[s:s + n].tolist() for s, n in zip(starts, sizes)], partition.num_nodes)
+
+
+def build(name: str, adjacency, shape: Shape, *, parts, dim: int = 64, num_heads: int = 4, pe_dim: int = 8,
+          dropout: float = 0.1, backend: str = "auto", seed: int = 0) -> nn.Module:
+    """Model ``name`` (see module doc) for a graph and a data shape."""
+    if name == "historical_average":
+        return HistoricalAverage(shape)
+    if name == "last_value":
+        return LastValue(shape)
+    if name == "gru":
+        return NodeGRU(shape, hidden=dim)
+    if name not in SBA_VARIANTS + ("full_attention",):
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    common = dict(in_steps=shape.in_steps, in_channels=shape.channels, out_steps=shape.out_steps,
+                  out_channels=shape.channels, dim=dim, num_heads=num_heads, dropout=dropout, backend=backend,
+                  steps_per_day=shape.steps_per_day, day_of_week=shape.steps_per_day is not None)
+    parts = [min(p, shape.num_nodes) for p in parts]
+    if name in ("sba", "sba_no_inter", "sba_no_pe"):
+        return SBATransformer.from_graph(adjacency, parts, pe_dim=0 if name == "sba_no_pe" else pe_dim, seed=seed,
+                                         inter=name != "sba_no_inter", **common)
+    pe = laplacian_pe(adjacency, pe_dim)
+    n = shape.num_nodes
+    if name == "full_attention":
+        whole = Partition.from_assignment(torch.zeros(n, dtype=torch.long))
+        return SBATransformer(n, partitions=[whole] * len(parts), pe=pe, inter=False, **common)
+    fine = partition_graph(adjacency, parts[0], seed=seed)
+    if name == "sba_random_part":
+        partitions, _ = multiscale_partitions(adjacency, parts, seed=seed)
+        partitions = [_random_like(p, seed + i) for i, p in enumerate(partitions)]
+        return SBATransformer(n, partitions=partitions, pe=pe, adjacency=adjacency, **common)
+    return SBATransformer(n, partitions=[fine] * len(parts), pe=pe, adjacency=adjacency, **common)   # no multiscale

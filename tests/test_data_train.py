@@ -1,0 +1,181 @@
+"""Data format, windows, splits, metrics, models of the harness, and resumable training."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sba_model import data as D
+from sba_model import train, zoo
+
+
+def _arrays(T=200, N=12, C=2, seed=0):
+    rng = np.random.default_rng(seed)
+    pts = rng.random((N, 2))
+    dist = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    return dict(values=rng.normal(size=(T, N, C)), distances=dist,
+                timestamps=np.datetime64("2024-03-04T00:00", "s") + np.arange(T) * np.timedelta64(300, "s"))
+
+
+# ----------------------------------------------------------------------------- format
+@pytest.mark.parametrize("edit, key", [
+    (lambda a: a.pop("values"), "values"),
+    (lambda a: a.update(values=np.zeros((5, 5, 5, 5))), "values"),
+    (lambda a: a.update(mask=np.ones((3, 3, 3), bool)), "mask"),
+    (lambda a: a.pop("distances"), "adjacency"),
+    (lambda a: a.update(coords=np.zeros((12, 2))), "adjacency"),          # two graph keys
+    (lambda a: a.update(distances=np.zeros((11, 11))), "distances"),
+    (lambda a: a.update(timestamps=a["timestamps"][::-1]), "timestamps"),
+    (lambda a: a.update(timestamps=a["timestamps"][:10]), "timestamps"),
+])
+def test_format_rejects_bad_files_naming_the_key(edit, key):
+    arrays = _arrays()
+    edit(arrays)
+    with pytest.raises(ValueError, match=f"^{key}"):
+        D.validate(arrays)
+
+
+def test_nan_allowed_only_where_masked():
+    arrays = _arrays()
+    arrays["values"][5, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="values: 1 NaN"):
+        D.validate(arrays)
+    mask = np.ones(arrays["values"].shape, bool)
+    mask[5, 3, 1] = False
+    data = D.validate(dict(arrays, mask=mask))
+    assert data.values[5, 3, 1] == 0 and not data.mask[5, 3, 1]
+
+
+def test_user_file_round_trip_and_time_features(tmp_path):
+    data = D.validate(_arrays(T=400))
+    path = tmp_path / "mine.npz"
+    D.save_npz(data, path)
+    back = D.load(str(path))
+    assert np.array_equal(back.values, data.values) and np.array_equal(back.mask, data.mask)
+    assert back.steps_per_day == 288 and back.step_minutes == 5
+    tod, dow = back.time_features()
+    assert tod[0] == 0 and tod[12] == 12 and dow[0] == 0          # 2024-03-04 is a Monday
+    assert tod[288] == 0 and dow[288] == 1
+
+
+def test_builtin_datasets_load_with_the_right_shapes():
+    los = D.load("los_loop")
+    assert los.shape == (2016, 207, 1) and los.steps_per_day == 288
+    assert D.load("sz_taxi").shape == (2976, 156, 1)
+    mel = D.load("charged_mel")
+    assert mel.shape == (4392, 63, 1) and mel.steps_per_day == 24
+    # volume.csv lists sites as 0, 1, 10, 11, ...: site 10 must land in column 10.
+    root = D.data_root() / "charged_mel" / "volume.csv"
+    header = root.read_text().splitlines()[0].split(",")
+    raw = np.loadtxt(root, delimiter=",", skiprows=1, usecols=header.index("10"))
+    assert np.allclose(mel.values[:, 10, 0], raw)
+
+
+def test_synthetic_has_local_structure():
+    s = D.synthetic(num_nodes=60, steps=1500)
+    x = s.values[:, :, 0]
+    corr = np.corrcoef(x.T)
+    adj = s.adjacency.toarray() > 0
+    off = ~np.eye(60, dtype=bool)
+    assert corr[adj].mean() > corr[off & ~adj].mean() + 0.1
+
+
+# ----------------------------------------------------------------------------- windows and splits
+def test_windows_slice_the_series_and_stay_inside_their_range():
+    data = D.validate(_arrays(T=300))
+    windows, scaler = D.split_windows(data, 12, 4)
+    assert windows["train"].range == (0, 210) and windows["val"].range == (210, 240)
+    assert windows["test"].range == (240, 300)
+    for name, w in windows.items():
+        a, b = w.range
+        assert int(w.starts.min()) == a and int(w.starts.max()) + 16 == b
+    w = windows["val"]
+    batch = w.batch(torch.tensor([0, 3]))
+    s = int(w.starts[3])
+    assert torch.allclose(batch["y"][1], torch.from_numpy(data.values[s + 12:s + 16]))
+    expect_x = (data.values[s:s + 12] - scaler.mean) / scaler.std
+    assert torch.allclose(batch["x"][1], torch.from_numpy(expect_x.astype(np.float32)), atol=1e-6)
+    assert int(batch["tod"][1]) == (s + 11) % 288
+
+
+def test_scaler_sees_training_data_only():
+    arrays = _arrays(T=300)
+    base = D.split_windows(D.validate(arrays), 12, 4)[1]
+    arrays["values"][210:] += 1000.0                       # change val and test only
+    moved = D.split_windows(D.validate(arrays), 12, 4)[1]
+    assert np.allclose(base.mean, moved.mean) and np.allclose(base.std, moved.std)
+
+
+def test_metrics_ignore_missing_targets():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 3, 5, 1, generator=g), torch.randn(4, 3, 5, 1, generator=g)
+    mask = torch.ones_like(target, dtype=torch.bool)
+    mask[:, :, 0] = False
+    a, b = train.MetricSums(3), train.MetricSums(3)
+    a.add(pred, target, mask)
+    garbage = target.clone()
+    garbage[:, :, 0] = 1e6
+    b.add(pred, garbage, mask)
+    assert torch.equal(a.abs, b.abs) and torch.equal(a.sq, b.sq)
+    assert torch.allclose(a.abs / a.count, (pred - target)[:, :, 1:].abs().mean((0, 2, 3)).double())
+    assert float(train.masked_mae(pred, garbage, mask)) == pytest.approx(float((pred - target)[:, :, 1:].abs().mean()))
+
+
+# ----------------------------------------------------------------------------- models and training
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_every_model_maps_the_shapes(name):
+    data = D.synthetic(num_nodes=40, steps=50)
+    shape = zoo.Shape(40, 12, 4, 1, data.steps_per_day)
+    model = zoo.build(name, data.adjacency, shape, parts=[6, 2], dim=16, num_heads=2)
+    y = model(torch.randn(2, 12, 40, 1), torch.tensor([0, 5]), torch.tensor([1, 2]))
+    assert y.shape == (2, 4, 40, 1)
+
+
+def _cfg(tmp_path, path, **kw):
+    return train.TrainConfig(data=str(path), model="sba", parts=[4, 2], dim=16, heads=2, batch_size=16,
+                             run_dir=str(tmp_path / "run"), quiet=True, **kw)
+
+
+def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+    path = tmp_path / "mine.npz"
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
+    straight = train.run(_cfg(tmp_path / "a", path, epochs=4, patience=99))
+
+    real_save, saves = train.save_atomic, []
+
+    def killed_after_second_epoch(obj, target):     # the process dies right after a checkpoint
+        real_save(obj, target)
+        if target.name == "last.pt":
+            saves.append(target)
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_atomic", killed_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_cfg(tmp_path / "b", path, epochs=4, patience=99))
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    resumed = train.run(_cfg(tmp_path / "b", path, epochs=4, patience=99, resume=True))
+    assert resumed["epochs_run"] == 4
+    history = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test"] == straight["test"]
+    for name in ("config.json", "metrics.json", "learning_curve.png", "best.pt"):
+        assert (tmp_path / "b" / "run" / name).exists()
+    with pytest.raises(ValueError, match="resume"):
+        train.run(_cfg(tmp_path / "b", path, epochs=5, lr=0.05, resume=True))
+
+
+def test_cli_trains_on_a_user_file(tmp_path, capsys):
+    path = tmp_path / "mine.npz"
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
+    train.main(["--data", str(path), "--epochs", "1", "--parts", "4", "2", "--dim", "16", "--heads", "2",
+                "--run-dir", str(tmp_path / "cli"), "--quiet"])
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert set(metrics["test"]["horizons"]) == {"15min", "30min", "45min", "60min"}
+    assert np.isfinite(metrics["test"]["average"]["MAE"])
+    assert "test MAE" in capsys.readouterr().out
