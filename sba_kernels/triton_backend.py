@@ -1,17 +1,9 @@
-"""The ``"triton"`` backend: launch wrappers, ``torch.library`` ops and their autograd.
+"""The ``"triton"`` backend: block sizes and the launches of the kernels in `triton_kernels`.
 
-Layers, top to bottom:
-
-1. ``intra_attention`` / ``inter_attention`` / ``segment_mean``: the backend's entry points
-   (already-checked arguments from `sba_kernels.ops`). They pick block sizes, fetch cached
-   work lists, and call the ops below.
-2. ``sba::attention_fwd`` / ``sba::attention_bwd`` / ``sba::segment_mean_fwd`` /
-   ``sba::segment_mean_bwd``: ``torch.library.custom_op``s with fake (shape-only)
-   implementations and registered autograd, so ``torch.compile(fullgraph=True)`` traces
-   forward and backward through them without graph breaks.
-3. ``_launch_*``: the kernel launches, in `triton_kernels`.
-
-Inter attention is intra attention over one subgraph holding all P tokens.
+The ``torch.library`` ops, autograd and entry points (``intra_attention``,
+``inter_attention``, ``segment_mean``) come from `library.KernelBackend`, shared with the
+CUDA C++ backend. Block sizes follow from shapes and dtype alone (`blocks_for`), so the
+backward launches the same tiling as the forward without being told.
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ import torch
 import triton
 
 from . import triton_kernels as kern
-from .partition import Partition
+from .library import KernelBackend
 
 LOG2E = 1.4426950408889634
 
@@ -78,9 +70,11 @@ def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------- launches
-def _launch_fwd(q, k, v, index, lengths, bias, scale, blk: Blocks):
+def attention_forward(q, k, v, index, lengths, bias, scale):
+    """o ``[B, N, H, d]`` and lse fp32 ``[B, H, N]`` (log2 units)."""
     B, N, H, d = q.shape
     P, M = index.shape
+    blk = blocks_for(M, d, q.dtype)
     o = _new((B, N, H, d), q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
     q_tiles = triton.cdiv(M, blk.m)
@@ -94,9 +88,11 @@ def _launch_fwd(q, k, v, index, lengths, bias, scale, blk: Blocks):
     return o, lse
 
 
-def _launch_bwd(do, q, k, v, o, lse, index, lengths, bias, scale, blk: Blocks, need_dbias: bool):
+def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool):
+    """dq, dk, dv (contiguous) and dbias (or an empty tensor)."""
     B, N, H, d = q.shape
     P, M = index.shape
+    blk = blocks_for(M, d, q.dtype)
     q_tiles, k_tiles = triton.cdiv(M, blk.m), triton.cdiv(M, blk.n)
     delta = _new((B, H, N), torch.float32, q.device)
     rows = 64
@@ -129,60 +125,8 @@ def _launch_bwd(do, q, k, v, o, lse, index, lengths, bias, scale, blk: Blocks, n
     return dq, dk, dv, dbias
 
 
-# ----------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("sba::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor,
-                  bias: Optional[torch.Tensor], scale: float, block_m: int, block_n: int,
-                  block_d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Subgraph attention forward: returns ``(o [B, N, H, d], lse [B, H, N] fp32, log2 units)``."""
-    return _launch_fwd(q, k, v, index, lengths, bias, scale, Blocks(block_m, block_n, block_d))
-
-
-@attention_fwd.register_fake
-def _(q, k, v, index, lengths, bias, scale, block_m, block_n, block_d):
-    B, N, H, d = q.shape
-    return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32)
-
-
-@torch.library.custom_op("sba::attention_bwd", mutates_args=())
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor, bias: Optional[torch.Tensor],
-                  scale: float, block_m: int, block_n: int, block_d: int,
-                  need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Subgraph attention backward: ``(dq, dk, dv, dbias)``; dbias is empty unless asked for."""
-    return _launch_bwd(do, q, k, v, o, lse, index, lengths, bias, scale, Blocks(block_m, block_n, block_d),
-                       need_dbias)
-
-
-@attention_bwd.register_fake
-def _(do, q, k, v, o, lse, index, lengths, bias, scale, block_m, block_n, block_d, need_dbias):
-    grads = [q.new_empty(q.shape) for _ in range(3)]
-    return (*grads, bias.new_empty(bias.shape) if need_dbias else q.new_empty(0))
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, index, lengths, bias, scale, bm, bn, bd = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], index, lengths, bias)
-    ctx.scale, ctx.blocks = scale, (bm, bn, bd)
-
-
-def _attention_backward(ctx, do, _dlse):
-    q, k, v, o, lse, index, lengths, bias = ctx.saved_tensors
-    need_dbias = bias is not None and ctx.needs_input_grad[5]
-    if do.stride(-1) != 1:
-        do = do.contiguous()
-    dq, dk, dv, dbias = attention_bwd(do, q, k, v, o, lse, index, lengths, bias, ctx.scale, *ctx.blocks,
-                                      need_dbias)
-    return dq, dk, dv, None, None, dbias if need_dbias else None, None, None, None, None
-
-
-attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
-
-
-@torch.library.custom_op("sba::segment_mean_fwd", mutates_args=())
-def segment_mean_fwd(x: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor,
-                     assignment: torch.Tensor) -> torch.Tensor:
-    """``[B, N, C] -> [B, P, C]`` subgraph means (``assignment`` rides along for backward)."""
+def segment_mean_forward(x, index, lengths):
+    """``[B, N, C] -> [B, P, C]`` subgraph means."""
     B, _, C = x.shape
     P, M = index.shape
     z = _new((B, P, C), x.dtype, x.device)
@@ -194,14 +138,8 @@ def segment_mean_fwd(x: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor
     return z
 
 
-@segment_mean_fwd.register_fake
-def _(x, index, lengths, assignment):
-    return x.new_empty((x.shape[0], index.shape[0], x.shape[2]))
-
-
-@torch.library.custom_op("sba::segment_mean_bwd", mutates_args=())
-def segment_mean_bwd(dz: torch.Tensor, assignment: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Gradient of `segment_mean_fwd`: ``dx[b, i] = dz[b, part(i)] / n_part(i)``."""
+def segment_mean_backward(dz, assignment, lengths):
+    """``dx[b, i] = dz[b, part(i)] / n_part(i)``."""
     B, _, C = dz.shape
     N = assignment.shape[0]
     dx = _new((B, N, C), dz.dtype, dz.device)
@@ -213,54 +151,8 @@ def segment_mean_bwd(dz: torch.Tensor, assignment: torch.Tensor, lengths: torch.
     return dx
 
 
-@segment_mean_bwd.register_fake
-def _(dz, assignment, lengths):
-    return dz.new_empty((dz.shape[0], assignment.shape[0], dz.shape[2]))
-
-
-def _segment_mean_setup(ctx, inputs, output):
-    _, _, lengths, assignment = inputs
-    ctx.save_for_backward(assignment, lengths)
-
-
-def _segment_mean_backward(ctx, dz):
-    assignment, lengths = ctx.saved_tensors
-    if dz.stride(-1) != 1:
-        dz = dz.contiguous()
-    return segment_mean_bwd(dz, assignment, lengths), None, None, None
-
-
-segment_mean_fwd.register_autograd(_segment_mean_backward, setup_context=_segment_mean_setup)
-
-
-# ----------------------------------------------------------------------------- backend entry points
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _attention(q, k, v, index, lengths, bias: Optional[torch.Tensor], scale: float):
-    blk = blocks_for(index.shape[1], q.shape[-1], q.dtype)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    o, _ = attention_fwd(q, k, v, index, lengths, None if bias is None else bias.contiguous(), scale,
-                         blk.m, blk.n, blk.d)
-    return o
-
-
-def intra_attention(q, k, v, partition: Partition, bias: Optional[torch.Tensor], scale: float):
-    """See `sba_kernels.intra_attention`. q, k, v ``[B, N, H, d]`` -> ``[B, N, H, d]``."""
-    return _attention(q, k, v, partition.index, partition.lengths, bias, scale)
-
-
-def inter_attention(q, k, v, bias: Optional[torch.Tensor], scale: float):
-    """See `sba_kernels.inter_attention`. q, k, v ``[B, P, H, d]`` -> ``[B, P, H, d]``."""
-    P = q.shape[1]
-    index = torch.arange(P, dtype=torch.int32, device=q.device).unsqueeze(0)   # one subgraph: all tokens
-    lengths = torch.full((1,), P, dtype=torch.int32, device=q.device)
-    if bias is not None:       # [P, P] -> [1, P, P];  [H, P, P] -> [H, 1, P, P]
-        bias = bias.unsqueeze(-3)
-    return _attention(q, k, v, index, lengths, bias, scale)
-
-
-def segment_mean(x, partition: Partition):
-    """See `sba_kernels.segment_mean`. x ``[B, N, C]`` -> ``[B, P, C]``."""
-    return segment_mean_fwd(_last_dim_contiguous(x), partition.index, partition.lengths, partition.assignment)
+# ----------------------------------------------------------------------------- entry points
+_BACKEND = KernelBackend("triton", attention_forward, attention_backward, segment_mean_forward, segment_mean_backward)
+intra_attention = _BACKEND.intra_attention
+inter_attention = _BACKEND.inter_attention
+segment_mean = _BACKEND.segment_mean
