@@ -56,6 +56,27 @@ def _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_sca
     return s
 
 
+@triton.jit
+def _program_tile(Lengths, TILES_PER_PART, H, BLOCK: tl.constexpr):
+    """This program's (subgraph, its length, tile start slot, batch as int64, head)."""
+    part = tl.program_id(0) // TILES_PER_PART
+    length = tl.load(Lengths + part)
+    start = (tl.program_id(0) % TILES_PER_PART) * BLOCK
+    bh = tl.program_id(1)
+    return part, length, start, (bh // H).to(tl.int64), bh % H
+
+
+@triton.jit
+def _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale,
+                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """Recomputed ``p = exp2(s - lse)`` (0 off the subgraph) and the score gradient
+    ``ds = p * (dO . v - delta)``, both ``[BLOCK_M, BLOCK_N]``."""
+    s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
+    p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def attention_fwd(Q, K, V, O, LSE, Bias, Index, Lengths, TILES_PER_PART,
@@ -64,14 +85,9 @@ def attention_fwd(Q, K, V, O, LSE, Bias, Index, Lengths, TILES_PER_PART,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile of one subgraph for one (batch, head): online softmax over its keys."""
-    part = tl.program_id(0) // TILES_PER_PART
-    length = tl.load(Lengths + part)
-    start = (tl.program_id(0) % TILES_PER_PART) * BLOCK_M
+    part, length, start, b, h = _program_tile(Lengths, TILES_PER_PART, H, BLOCK_M)
     if start >= length:
         return
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, BLOCK_M)
     q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
@@ -121,14 +137,9 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """dQ for one query tile: ``dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j``."""
-    part = tl.program_id(0) // TILES_PER_PART
-    length = tl.load(Lengths + part)
-    start = (tl.program_id(0) % TILES_PER_PART) * BLOCK_M
+    part, length, start, b, h = _program_tile(Lengths, TILES_PER_PART, H, BLOCK_M)
     if start >= length:
         return
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, BLOCK_M)
     q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
@@ -142,10 +153,8 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
         slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
         k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
         v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
-        s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
+                                qk_scale, HAS_BIAS, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     _store_rows(DQ + b * s_gb + h * s_gh, rows_m, s_gn, mask_m, offs_d, dq * scale, HEAD_DIM)
 
@@ -161,14 +170,9 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
     Each key row is written by exactly one program: no atomics. dk and dv are written with the
     gradient strides s_g* (contiguous buffers, whatever the strides of k and v).
     """
-    part = tl.program_id(0) // TILES_PER_PART
-    length = tl.load(Lengths + part)
-    start = (tl.program_id(0) % TILES_PER_PART) * BLOCK_N
+    part, length, start, b, h = _program_tile(Lengths, TILES_PER_PART, H, BLOCK_N)
     if start >= length:
         return
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     slots_n, mask_n, rows_n = _tile_rows(Index, part, start, length, M, BLOCK_N)
     k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
@@ -183,11 +187,9 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
         do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
         lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
         delta = tl.load(Delta + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
-        s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        p, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
+                                qk_scale, HAS_BIAS, PRECISION)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     _store_rows(DK + b * s_gb + h * s_gh, rows_n, s_gn, mask_n, offs_d, dk * scale, HEAD_DIM)
     _store_rows(DV + b * s_gb + h * s_gh, rows_n, s_gn, mask_n, offs_d, dv, HEAD_DIM)
@@ -234,10 +236,9 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
         v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
         lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
         delta = tl.load(Delta + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
-        s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, True, PRECISION)
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dbias += p * (dp - delta[:, None])
+        _, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
+                                qk_scale, True, PRECISION)
+        dbias += ds
     ptrs = DBias + bias_off + slots_m[:, None] * s_bi + slots_n[None, :]
     tl.store(ptrs, dbias.to(DBias.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
