@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="learned models predict the change from the last input step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     runs = a.runs or Path("runs") / stem
     out = a.out or runs / "compare.md"
     base = train.TrainConfig(data=a.data, epochs=a.epochs, patience=a.patience, parts=a.parts, dim=a.dim, lr=a.lr,
-                             batch_size=a.batch_size, seed=a.seed, device=a.device, quiet=True)
+                             batch_size=a.batch_size, seed=a.seed, device=a.device, residual=a.residual, quiet=True)
     started = time.perf_counter()
     results = []
     for name in a.models:

@@ -37,6 +37,9 @@ class SBATransformer(nn.Module):
             with it and outputs restored, so callers use their own node order.
         adjacency: optional graph (internal order) for the learnable intra-subgraph bias.
         inter: keep the inter-subgraph path (False for the ablation).
+        last_value_residual: predict the change from the last input step (needs C_out <= C):
+            ``y = head(...) + x[:, -1:, :, :C_out]``. Short horizons are mostly persistence, which a
+            flattened-history embedding reproduces poorly; with this the model learns deviations.
 
     Use `SBATransformer.from_graph` to get partitions, permutation and PE in one call.
     """
@@ -45,8 +48,12 @@ class SBATransformer(nn.Module):
                  partitions: Sequence[Partition], *, dim: int = 64, num_heads: int = 4, mlp_ratio: float = 2.0,
                  dropout: float = 0.0, backend: str = "auto", pe: Optional[torch.Tensor] = None,
                  steps_per_day: Optional[int] = None, day_of_week: bool = False,
-                 perm: Optional[torch.Tensor] = None, adjacency=None, inter: bool = True):
+                 perm: Optional[torch.Tensor] = None, adjacency=None, inter: bool = True,
+                 last_value_residual: bool = False):
         super().__init__()
+        if last_value_residual and out_channels > in_channels:
+            raise ValueError("last_value_residual needs out_channels <= in_channels")
+        self.last_value_residual = last_value_residual
         if not partitions:
             raise ValueError("partitions must hold one Partition per layer")
         for i, p in enumerate(partitions):
@@ -103,6 +110,7 @@ class SBATransformer(nn.Module):
                 f"x must be [B, {self.in_steps}, {self.num_nodes}, {self.in_channels}], got {tuple(x.shape)}"
             )
         B = x.shape[0]
+        last = x[:, -1:, :, : self.out_channels] if self.last_value_residual else 0.0
         if self.perm is not None:
             x = x[:, :, self.perm]
         tokens = self.embed(x.permute(0, 2, 1, 3).reshape(B, self.num_nodes, -1))    # [B, N, D]
@@ -117,7 +125,8 @@ class SBATransformer(nn.Module):
             tokens = block(tokens)
         y = self.head(self.norm(tokens)).view(B, self.num_nodes, self.out_steps, self.out_channels)
         y = y.permute(0, 2, 1, 3)
-        return y[:, :, self.inv_perm] if self.perm is not None else y
+        y = y[:, :, self.inv_perm] if self.perm is not None else y
+        return y + last
 
     @staticmethod
     def _time_embedding(name, table: Optional[nn.Embedding], ids: Optional[torch.Tensor], batch: int):

@@ -46,6 +46,7 @@ class TrainConfig:
     heads: int = 4
     pe_dim: int = 8
     dropout: float = 0.1
+    residual: bool = False                 # learned models predict the change from the last input step
     in_steps: int = 12
     out_steps: Optional[int] = None        # default: the largest reported horizon
     horizons: Optional[list] = None        # steps ahead to report; default 15/30/45/60 minutes
@@ -176,7 +177,8 @@ def run(cfg: TrainConfig) -> dict:
                                              val_fraction=cfg.val_fraction)
     shape = zoo.Shape(series.shape[1], cfg.in_steps, out_steps, series.shape[2], series.steps_per_day)
     model = zoo.build(cfg.model, series.adjacency, shape, parts=cfg.parts, dim=cfg.dim, num_heads=cfg.heads,
-                      pe_dim=cfg.pe_dim, dropout=cfg.dropout, backend=cfg.backend, seed=cfg.seed).to(device)
+                      pe_dim=cfg.pe_dim, dropout=cfg.dropout, backend=cfg.backend, seed=cfg.seed,
+                      last_value_residual=cfg.residual).to(device)
 
     run_dir = Path(cfg.run_dir or f"runs/{Path(cfg.data).stem}-{cfg.model}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +270,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--heads", type=int, default=d.heads)
     p.add_argument("--pe-dim", type=int, default=d.pe_dim)
     p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=d.residual,
+                   help="learned models predict the change from the last input step")
     p.add_argument("--in-steps", type=int, default=d.in_steps)
     p.add_argument("--out-steps", type=int, default=None)
     p.add_argument("--horizons", type=int, nargs="+", default=None, help="steps ahead to report")

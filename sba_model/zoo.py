@@ -62,19 +62,20 @@ class LastValue(HistoricalAverage):
 
 
 class NodeGRU(nn.Module):
-    """A GRU over each node's own history (shared weights, no spatial mixing) + linear head."""
+    """A GRU over each node's own history (shared weights, no spatial mixing) + linear head;
+    with ``last_value_residual`` it predicts the change from the last input step."""
 
-    def __init__(self, shape: Shape, hidden: int = 64):
+    def __init__(self, shape: Shape, hidden: int = 64, last_value_residual: bool = False):
         super().__init__()
-        self.shape = shape
+        self.shape, self.last_value_residual = shape, last_value_residual
         self.gru = nn.GRU(shape.channels, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, shape.out_steps * shape.channels)
 
     def forward(self, x, tod=None, dow=None):
         B, T, N, C = x.shape
         _, h = self.gru(x.permute(0, 2, 1, 3).reshape(B * N, T, C))
-        y = self.head(h[-1]).view(B, N, self.shape.out_steps, C)
-        return y.permute(0, 2, 1, 3)
+        y = self.head(h[-1]).view(B, N, self.shape.out_steps, C).permute(0, 2, 1, 3)
+        return y + x[:, -1:] if self.last_value_residual else y
 
 
 def _random_like(partition: Partition, seed: int) -> Partition:
@@ -86,19 +87,21 @@ def _random_like(partition: Partition, seed: int) -> Partition:
 
 
 def build(name: str, adjacency, shape: Shape, *, parts, dim: int = 64, num_heads: int = 4, pe_dim: int = 8,
-          dropout: float = 0.1, backend: str = "auto", seed: int = 0) -> nn.Module:
-    """Model ``name`` (see module doc) for a graph and a data shape."""
+          dropout: float = 0.1, backend: str = "auto", seed: int = 0, last_value_residual: bool = False) -> nn.Module:
+    """Model ``name`` (see module doc) for a graph and a data shape. ``last_value_residual``
+    makes every learned model predict the change from the last input step."""
     if name == "historical_average":
         return HistoricalAverage(shape)
     if name == "last_value":
         return LastValue(shape)
     if name == "gru":
-        return NodeGRU(shape, hidden=dim)
+        return NodeGRU(shape, hidden=dim, last_value_residual=last_value_residual)
     if name not in SBA_VARIANTS + ("full_attention",):
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     common = dict(in_steps=shape.in_steps, in_channels=shape.channels, out_steps=shape.out_steps,
                   out_channels=shape.channels, dim=dim, num_heads=num_heads, dropout=dropout, backend=backend,
-                  steps_per_day=shape.steps_per_day, day_of_week=shape.steps_per_day is not None)
+                  steps_per_day=shape.steps_per_day, day_of_week=shape.steps_per_day is not None,
+                  last_value_residual=last_value_residual)
     parts = [min(p, shape.num_nodes) for p in parts]
     if name in ("sba", "sba_no_inter", "sba_no_pe"):
         return SBATransformer.from_graph(adjacency, parts, pe_dim=0 if name == "sba_no_pe" else pe_dim, seed=seed,

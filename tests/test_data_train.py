@@ -133,6 +133,18 @@ def test_every_model_maps_the_shapes(name):
     assert y.shape == (2, 4, 40, 1)
 
 
+@pytest.mark.parametrize("name", ["sba", "full_attention", "gru"])
+def test_residual_models_start_from_the_last_value(name):
+    """With a zeroed output head, a residual model predicts exactly the last input step."""
+    data = D.synthetic(num_nodes=40, steps=50)
+    shape = zoo.Shape(40, 12, 4, 1, None)
+    model = zoo.build(name, data.adjacency, shape, parts=[6, 2], dim=16, num_heads=2, last_value_residual=True)
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    x = torch.randn(2, 12, 40, 1)
+    assert torch.allclose(model.eval()(x), x[:, -1:].expand(-1, 4, -1, -1))
+
+
 def _cfg(tmp_path, path, **kw):
     return train.TrainConfig(data=str(path), model="sba", parts=[4, 2], dim=16, heads=2, batch_size=16,
                              run_dir=str(tmp_path / "run"), quiet=True, **kw)
@@ -179,3 +191,17 @@ def test_cli_trains_on_a_user_file(tmp_path, capsys):
     assert set(metrics["test"]["horizons"]) == {"15min", "30min", "45min", "60min"}
     assert np.isfinite(metrics["test"]["average"]["MAE"])
     assert "test MAE" in capsys.readouterr().out
+
+
+def test_compare_writes_one_table_for_a_user_file(tmp_path):
+    from sba_model import compare
+
+    path = tmp_path / "mine.npz"
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
+    out = tmp_path / "table.md"
+    compare.main(["--data", str(path), "--models", "sba", "last_value", "gru", "--epochs", "1", "--parts", "4", "2",
+                  "--dim", "16", "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| ---"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["sba", "last_value", "gru"]
+    assert "python -m sba_model.compare --data" in text and text.count("**") == 2     # one best MAE in bold
