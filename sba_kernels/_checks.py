@@ -53,7 +53,8 @@ def check_bias(bias, ref: torch.Tensor, shapes: dict[str, tuple]) -> None:
     """bias: None or one of ``shapes`` (name -> shape), on ``ref``'s device, floating."""
     if bias is None:
         return
-    check_float_tensor(bias, "bias", bias.dim() if isinstance(bias, torch.Tensor) else 0)
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        raise TypeError(f"bias must be a floating-point torch.Tensor or None, got {type(bias).__name__}")
     if tuple(bias.shape) not in shapes.values():
         allowed = " or ".join(f"{n} {tuple(s)}" for n, s in shapes.items())
         raise ValueError(f"bias must have shape {allowed}, got {tuple(bias.shape)}")

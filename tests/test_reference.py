@@ -129,6 +129,7 @@ def _good(N=10):
         (lambda q, p: sk.intra_attention(q[:, :9], q[:, :9], q[:, :9], p), ValueError, "partition covers 10"),
         (lambda q, p: sk.intra_attention(q, q, q, p.to("meta")), ValueError, "partition is on"),
         (lambda q, p: sk.intra_attention(q, q, q, p, bias=torch.zeros(3, 4, 3)), ValueError, "bias must have shape"),
+        (lambda q, p: sk.intra_attention(q, q, q, p, bias=[[1.0]]), TypeError, "bias must be"),
         (lambda q, p: sk.intra_attention(q, q, q, p, scale="x"), TypeError, "scale"),
         (lambda q, p: sk.intra_attention(q, q, q, p, scale=float("nan")), ValueError, "scale"),
         (lambda q, p: sk.intra_attention(q, q, q, p, backend="tpu"), ValueError, "backend"),
