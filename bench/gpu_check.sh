@@ -4,7 +4,10 @@
 # bench/results/ afterwards.
 #
 #   bash bench/gpu_check.sh [tests] [kernels] [sweep]     (default: all three)
+#   SWEEP_ARGS="--n 1024 8600 65536 1000000" bash bench/gpu_check.sh sweep
 #
+# One device call is capped at 10 minutes: run the stages in separate calls if they do not fit,
+# and split the sweep's sizes with SWEEP_ARGS (each call writes its own $OUT/scaling).
 # The GPU image has torch and triton but no pymetis and no network: carry wheels in .whl/
 # (see README: "GPU sessions").
 set -uo pipefail
@@ -34,7 +37,8 @@ for stage in $stages; do
                     --out "$OUT/kernels-m$m" 2>&1 | tail -12 || status=1
             done ;;
         sweep)      # the main job at full size
-            python3 bench/scaling.py --out "$OUT/scaling" 2>&1 | tee "$OUT/scaling.log" | tail -60 || status=1 ;;
+            # shellcheck disable=SC2086  # SWEEP_ARGS is a list of words on purpose
+            python3 bench/scaling.py --out "$OUT/scaling" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/scaling.log" | tail -60 || status=1 ;;
         *) echo "unknown stage $stage"; status=1 ;;
     esac
 done
