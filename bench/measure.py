@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 
-def _proc_status_kb(field: str) -> int:
+def proc_status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``, ``VmSize``)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -32,7 +33,7 @@ def _reset_cpu_peak() -> int:
     """Reset the peak resident set to the current one; return the current one in bytes."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return _proc_status_kb("VmRSS") * 1024
+    return proc_status_kb("VmRSS") * 1024
 
 
 def peak_bytes(fn: Callable[[], object], device: str) -> int:
@@ -47,7 +48,7 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
         return torch.cuda.max_memory_allocated() - before
     before = _reset_cpu_peak()
     fn()
-    return max(0, _proc_status_kb("VmHWM") * 1024 - before)
+    return max(0, proc_status_kb("VmHWM") * 1024 - before)
 
 
 def median_ms(fn: Callable[[], object], device: str, budget_s: float) -> float:

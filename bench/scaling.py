@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import resource
@@ -99,7 +98,7 @@ def _child_main(spec: str) -> None:
     job = json.loads(spec)
     cap = job.pop("memory_cap_bytes")
     if cap:
-        virtual = measure._proc_status_kb("VmSize") * 1024        # what imports already mapped
+        virtual = measure.proc_status_kb("VmSize") * 1024        # what imports already mapped
         resource.setrlimit(resource.RLIMIT_AS, (virtual + cap, virtual + cap))
     torch.set_num_threads(job.pop("threads"))
     saved = torch.load(job.pop("partition_file"))

@@ -54,8 +54,8 @@ class _HoldsPartition(nn.Module):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        moved = fn(self.partition.index)     # dtype casts leave integer tensors alone
-        self.partition = self.partition.to(moved.device)
+        target = fn(self.partition.index[:0]).device    # an empty slice: where fn sends tensors, no copy
+        self.partition = self.partition.to(target)
         return out
 
 

@@ -111,9 +111,10 @@ def build(name: str, adjacency, shape: Shape, *, parts, dim: int = 64, num_heads
     if name == "full_attention":
         whole = Partition.from_assignment(torch.zeros(n, dtype=torch.long))
         return SBATransformer(n, partitions=[whole] * len(parts), pe=pe, inter=False, **common)
-    fine = partition_graph(adjacency, parts[0], seed=seed)
     if name == "sba_random_part":
         partitions, _ = multiscale_partitions(adjacency, parts, seed=seed)
         partitions = [_random_like(p, seed + i) for i, p in enumerate(partitions)]
         return SBATransformer(n, partitions=partitions, pe=pe, adjacency=adjacency, **common)
-    return SBATransformer(n, partitions=[fine] * len(parts), pe=pe, adjacency=adjacency, **common)   # no multiscale
+    # sba_no_multiscale: the finest partition in every layer.
+    fine = partition_graph(adjacency, parts[0], seed=seed)
+    return SBATransformer(n, partitions=[fine] * len(parts), pe=pe, adjacency=adjacency, **common)
