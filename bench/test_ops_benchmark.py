@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the three ops at one size, per usable backend (pytest-benchmark).
+"""Micro-benchmarks of the ops at one size, per usable backend (pytest-benchmark).
 
     pytest bench/ --benchmark-only
 
@@ -45,6 +45,13 @@ def test_intra_attention(benchmark, workload, backend):
     partition, (q, k, v) = workload
     out = _timed(benchmark, lambda: sk.intra_attention(q, k, v, partition, backend=backend))
     assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_intra_attention_pooled(benchmark, workload, backend):
+    partition, (q, k, v) = workload
+    o, z = _timed(benchmark, lambda: sk.intra_attention_pooled(q, k, v, partition, backend=backend))
+    assert o.shape == q.shape and z.shape == (1, partition.num_parts, *q.shape[2:])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

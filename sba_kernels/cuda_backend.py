@@ -112,5 +112,6 @@ def segment_mean_backward(dz, assignment, lengths):
 
 _BACKEND = KernelBackend("cuda", attention_forward, attention_backward, segment_mean_forward, segment_mean_backward)
 intra_attention = _BACKEND.intra_attention
+intra_attention_pooled = _BACKEND.intra_attention_pooled
 inter_attention = _BACKEND.inter_attention
 segment_mean = _BACKEND.segment_mean

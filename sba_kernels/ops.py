@@ -13,7 +13,16 @@ import torch
 from . import _checks, dispatch
 from .partition import Partition
 
-__all__ = ["intra_attention", "segment_mean", "inter_attention"]
+__all__ = ["intra_attention", "intra_attention_pooled", "segment_mean", "inter_attention"]
+
+
+def _check_intra(q, k, v, partition, bias, scale) -> float:
+    """The checks shared by the intra ops; returns the resolved scale."""
+    _checks.check_qkv(q, k, v, "[B, N, H, d]")
+    _checks.check_partition(partition, q.shape[1], q.device)
+    P, M, H = partition.num_parts, partition.max_size, q.shape[2]
+    _checks.check_bias(bias, q, {"[P, M, M]": (P, M, M), "[H, P, M, M]": (H, P, M, M)})
+    return _checks.resolve_scale(scale, q.shape[3])
 
 
 def intra_attention(
@@ -44,12 +53,35 @@ def intra_attention(
     Returns:
         ``[B, N, H, d]`` in node order, dtype of q.
     """
-    _checks.check_qkv(q, k, v, "[B, N, H, d]")
-    _checks.check_partition(partition, q.shape[1], q.device)
-    P, M, H = partition.num_parts, partition.max_size, q.shape[2]
-    _checks.check_bias(bias, q, {"[P, M, M]": (P, M, M), "[H, P, M, M]": (H, P, M, M)})
-    scale = _checks.resolve_scale(scale, q.shape[3])
+    scale = _check_intra(q, k, v, partition, bias, scale)
     return dispatch.run("intra_attention", backend, q.device, q, k, v, partition, bias, scale)
+
+
+def intra_attention_pooled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    partition: Partition,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`intra_attention` and each subgraph's mean output, in one call.
+
+    ``z[:, p] = mean_{i in S_p} o[:, i]``. The triton backend computes z in the attention
+    kernel's epilogue, from the fp32 accumulator, so o is never read back. A layer that pools
+    a projection of o can pool o instead and project z: for a Linear ``W``, the mean of
+    ``W o_i + b`` is ``W z + b``.
+
+    Args: as `intra_attention`.
+
+    Returns:
+        o ``[B, N, H, d]`` in node order and z ``[B, P, H, d]``, both of q's dtype; both
+        differentiable.
+    """
+    scale = _check_intra(q, k, v, partition, bias, scale)
+    return dispatch.run("intra_attention_pooled", backend, q.device, q, k, v, partition, bias, scale)
 
 
 def segment_mean(x: torch.Tensor, partition: Partition, *, backend: str = "auto") -> torch.Tensor:

@@ -67,6 +67,13 @@ def intra_attention(q, k, v, partition: Partition, bias: Optional[torch.Tensor],
     return torch.zeros_like(q).index_copy(1, nodes, torch.cat(outs, dim=1))
 
 
+def intra_attention_pooled(q, k, v, partition: Partition, bias: Optional[torch.Tensor], scale: float):
+    """`intra_attention` and the subgraph means of its output: ``[B, N, H, d]``, ``[B, P, H, d]``."""
+    o = intra_attention(q, k, v, partition, bias, scale)
+    B, N, H, d = o.shape
+    return o, segment_mean(o.reshape(B, N, H * d), partition).view(B, -1, H, d)
+
+
 def segment_mean(x, partition: Partition):
     """x ``[B, N, C]`` -> ``[B, P, C]``: the mean over each subgraph's real nodes."""
     sums = x.new_zeros(x.shape[0], partition.num_parts, x.shape[2])

@@ -70,22 +70,40 @@ def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------- launches
-def attention_forward(q, k, v, index, lengths, bias, scale):
-    """o ``[B, N, H, d]`` and lse fp32 ``[B, H, N]`` (log2 units)."""
+def _forward(q, k, v, index, lengths, bias, scale, pool: bool):
+    """o ``[B, N, H, d]``, lse fp32 ``[B, H, N]`` (log2 units) and, with ``pool``, the
+    subgraph means of o ``[B, P, H, d]`` from the kernel's epilogue (else None)."""
     B, N, H, d = q.shape
     P, M = index.shape
     blk = blocks_for(M, d, q.dtype)
     o = _new((B, N, H, d), q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
     q_tiles = triton.cdiv(M, blk.m)
+    shares = None
+    if pool:       # per-tile shares of each mean; tiles past a subgraph's end leave their zeros
+        shape = (B, P, q_tiles, H, d)
+        shares = _new(shape, torch.float32, q.device) if q_tiles == 1 else torch.zeros(shape, device=q.device)
     kern.attention_fwd[(P * q_tiles, B * H)](
-        q, k, v, o, lse, bias if bias is not None else q, index, lengths, q_tiles,
+        q, k, v, o, lse, shares if pool else lse, bias if bias is not None else q, index, lengths, q_tiles,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
         *_bias_strides(bias), H, N, index.shape[1], scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, HAS_BIAS=bias is not None,
-        PRECISION=_precision(q.dtype), num_warps=blk.num_warps, num_stages=blk.num_stages,
+        PRECISION=_precision(q.dtype), POOL=pool, num_warps=blk.num_warps, num_stages=blk.num_stages,
     )
+    if not pool:
+        return o, lse, None
+    return o, lse, shares.sum(2).to(q.dtype)
+
+
+def attention_forward(q, k, v, index, lengths, bias, scale):
+    """o ``[B, N, H, d]`` and lse fp32 ``[B, H, N]`` (log2 units)."""
+    o, lse, _ = _forward(q, k, v, index, lengths, bias, scale, pool=False)
     return o, lse
+
+
+def attention_forward_pooled(q, k, v, index, lengths, bias, scale):
+    """`attention_forward` plus the subgraph means of o, ``[B, P, H, d]``, fused."""
+    return _forward(q, k, v, index, lengths, bias, scale, pool=True)
 
 
 def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool):
@@ -152,7 +170,9 @@ def segment_mean_backward(dz, assignment, lengths):
 
 
 # ----------------------------------------------------------------------------- entry points
-_BACKEND = KernelBackend("triton", attention_forward, attention_backward, segment_mean_forward, segment_mean_backward)
+_BACKEND = KernelBackend("triton", attention_forward, attention_backward, segment_mean_forward, segment_mean_backward,
+                         attention_forward_pooled=attention_forward_pooled)
 intra_attention = _BACKEND.intra_attention
+intra_attention_pooled = _BACKEND.intra_attention_pooled
 inter_attention = _BACKEND.inter_attention
 segment_mean = _BACKEND.segment_mean

@@ -79,12 +79,20 @@ def _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, m
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def attention_fwd(Q, K, V, O, LSE, Bias, Index, Lengths, TILES_PER_PART,
+def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
                   s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
                   s_bh, s_bp, s_bi, H, N, M, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """One query tile of one subgraph for one (batch, head): online softmax over its keys."""
+                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                  POOL: tl.constexpr):
+    """One query tile of one subgraph for one (batch, head): online softmax over its keys.
+
+    With POOL, the epilogue also writes the tile's share of its subgraph's mean output,
+    ``sum_{i in tile} o_i / n_p``, fp32, to ``Pooled[b, program_id(0), h, :]`` (a contiguous
+    ``[B, P x TILES_PER_PART, H, HEAD_DIM]`` buffer): summing over a subgraph's tiles gives
+    its pooled token without reading o back. Tiles past a subgraph's end write nothing; the
+    caller zeroes the buffer when a subgraph can span several tiles.
+    """
     part, length, start, b, h = _program_tile(Lengths, TILES_PER_PART, H, BLOCK_M)
     if start >= length:
         return
@@ -112,6 +120,11 @@ def attention_fwd(Q, K, V, O, LSE, Bias, Index, Lengths, TILES_PER_PART,
     acc = acc / l_i[:, None]
     _store_rows(O + b * s_ob + h * s_oh, rows_m, s_on, mask_m, offs_d, acc, HEAD_DIM)
     tl.store(LSE + (b * H + h) * N + rows_m, m_i + tl.math.log2(l_i), mask=mask_m)
+    if POOL:
+        # Padding query rows of acc hold a weighted average of real v rows, not zeros: mask them.
+        share = tl.sum(tl.where(mask_m[:, None], acc, 0.0), 0) / length.to(tl.float32)
+        slot = (b * tl.num_programs(0) + tl.program_id(0)) * H + h
+        tl.store(Pooled + slot * HEAD_DIM + offs_d, share, mask=offs_d < HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- backward

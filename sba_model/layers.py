@@ -88,14 +88,28 @@ class IntraAttention(_HoldsPartition):
         w = self.node_weight[self.partition.index.long().clamp_min(0)]       # [P, M]
         return w.unsqueeze(-1) * self.blocks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
+    def _qkv_bias(self, x: torch.Tensor):
+        """q, k, v ``[B, N, H, d]`` and the graph bias (or None) in their dtype."""
+        B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         bias = self.graph_bias()
-        if bias is not None:
-            bias = bias.to(q.dtype)
+        return q, k, v, None if bias is None else bias.to(q.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v, bias = self._qkv_bias(x)
         o = sk.intra_attention(q, k, v, self.partition, bias=bias, backend=self.backend)
-        return self.proj(o.reshape(B, N, D))
+        return self.proj(o.flatten(2))
+
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` ``[B, N, D]`` and its subgraph means ``[B, P, D]``.
+
+        The means come from the attention kernel (`sba_kernels.intra_attention_pooled`) and
+        go through the output projection after pooling, which is exact since the projection
+        is affine: no pass over the ``[B, N, D]`` output to pool it.
+        """
+        q, k, v, bias = self._qkv_bias(x)
+        o, z = sk.intra_attention_pooled(q, k, v, self.partition, bias=bias, backend=self.backend)
+        return self.proj(o.flatten(2)), self.proj(z.flatten(2))
 
 
 class InterAttention(nn.Module):
@@ -143,8 +157,8 @@ class SBAttention(_HoldsPartition):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.intra(x)
-        g = self.inter(sk.segment_mean(h, self.partition, backend=self.intra.backend))
+        h, z = self.intra.forward_pooled(x)          # z = segment mean of h, fused
+        g = self.inter(z)
         return self.dropout(h + g[:, self.partition.assignment])
 
 

@@ -59,6 +59,17 @@ def test_segment_mean_matches_loop():
     assert rel_err(sk.segment_mean(x, part, backend="torch"), loop_segment_mean(x, part)) < 1e-14
 
 
+def test_intra_pooled_is_attention_then_mean():
+    g = torch.Generator().manual_seed(9)
+    part = random_partition(41, max_size=7, giant=10, generator=g)
+    q, k, v = (t.requires_grad_() for t in _qkv(g, 2, 41, 3, 4))
+    o, z = sk.intra_attention_pooled(q, k, v, part, backend="torch")
+    expect = dense_masked_attention(q, k, v, part)
+    assert rel_err(o, expect) < 1e-12
+    assert rel_err(z.reshape(2, -1, 12), loop_segment_mean(expect.reshape(2, 41, 12), part)) < 1e-12
+    assert torch.autograd.gradcheck(lambda *a: sk.intra_attention_pooled(*a, part, backend="torch"), (q, k, v))
+
+
 @pytest.mark.parametrize("bias_shape", [None, "PP", "HPP"])
 def test_inter_matches_dense_attention(bias_shape):
     g = torch.Generator().manual_seed(6)
@@ -133,6 +144,9 @@ def _good(N=10):
         (lambda q, p: sk.intra_attention(q, q, q, p, scale="x"), TypeError, "scale"),
         (lambda q, p: sk.intra_attention(q, q, q, p, scale=float("nan")), ValueError, "scale"),
         (lambda q, p: sk.intra_attention(q, q, q, p, backend="tpu"), ValueError, "backend"),
+        (lambda q, p: sk.intra_attention_pooled(q, q, q, p, bias=torch.zeros(3, 4, 3)), ValueError,
+         "bias must have shape"),
+        (lambda q, p: sk.intra_attention_pooled(q, q, q[:, :, :1], p), ValueError, "v must have the shape"),
         (lambda q, p: sk.segment_mean(q, p), ValueError, "x must have rank 3"),
         (lambda q, p: sk.segment_mean(q[:, :4, 0], p), ValueError, "partition covers"),
         (lambda q, p: sk.inter_attention(q, q, q, bias=torch.zeros(10, 9)), ValueError, "bias must have shape"),

@@ -1,7 +1,9 @@
 """The triton backend against the float64 dense reference (SPEC section 5).
 
-Without a GPU these run in Triton's interpreter on CPU tensors in fp32 (conftest sets
-TRITON_INTERPRET=1). With a GPU the same cases run on CUDA in fp32 (IEEE dots), tf32 and bf16.
+Without a GPU these run in Triton's interpreter on CPU tensors in fp32 and fp16 (conftest
+sets TRITON_INTERPRET=1). Not bf16 there: the interpreter's ``tl.dot`` multiplies bf16 operands
+as their raw uint16 bits (triton 3.9 ``create_dot``), so only the GPU can check bf16. With a
+GPU the same cases run on CUDA in fp32 (IEEE dots), tf32 and bf16.
 Outputs start as NaN (POISON), so an element no program writes fails the check.
 """
 
@@ -17,7 +19,7 @@ if torch.cuda.is_available():
     MODES = [("cuda", torch.float32, False, 1e-5), ("cuda", torch.float32, True, 1e-3),
              ("cuda", torch.bfloat16, False, 1e-2)]
 else:
-    MODES = [("cpu", torch.float32, False, 1e-5)]
+    MODES = [("cpu", torch.float32, False, 1e-5), ("cpu", torch.float16, False, 1e-2)]
 MODE_IDS = [f"{dev}-{'tf32' if tf32 else str(dt).split('.')[1]}" for dev, dt, tf32, _ in MODES]
 
 
@@ -92,6 +94,44 @@ def test_inter_matches_reference(mode, bias_shape):
     _run_and_compare(ours, ref, inputs, device, dtype, tol, g)
 
 
+@pytest.mark.parametrize("giant, bias_kind", [(0, None), (83, "per_head")])
+def test_intra_pooled_matches_reference(mode, giant, bias_kind):
+    """o and the fused subgraph means z, with gradients flowing into both. giant=0: every
+    subgraph fits one query tile; giant=83: one spans two, whose shares are summed."""
+    device, dtype, tol = mode
+    g = torch.Generator().manual_seed(16 + giant)
+    part = random_partition(170, max_size=11, giant=giant, generator=g)
+    B, H, d = 2, 2, 16
+    inputs = [torch.randn(B, 170, H, d, generator=g) for _ in range(3)]
+    if bias_kind:
+        inputs.append(torch.randn(H, part.num_parts, part.max_size, part.max_size, generator=g))
+    dpart = part.to(device)
+
+    def ours(q, k, v, *bias):
+        o, z = sk.intra_attention_pooled(q, k, v, dpart, bias=bias[0] if bias else None, backend="triton")
+        assert z.shape == (B, part.num_parts, H, d)
+        return torch.cat([o.reshape(-1), z.reshape(-1)])
+
+    def ref(q, k, v, *bias):
+        o = dense_masked_attention(q, k, v, part, bias[0] if bias else None)
+        return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(B, 170, H * d), part).reshape(-1)])
+
+    _run_and_compare(ours, ref, inputs, device, dtype, tol, g)
+
+
+def test_intra_pooled_gradient_through_means_alone(mode):
+    device, dtype, tol = mode
+    g = torch.Generator().manual_seed(17)
+    part = random_partition(60, max_size=9, generator=g)
+    ins = [torch.randn(1, 60, 2, 16, generator=g, dtype=F64) for _ in range(3)]
+    ours = [t.to(device, dtype).requires_grad_() for t in ins]
+    ref = [t.clone().requires_grad_() for t in ins]
+    sk.intra_attention_pooled(*ours, part.to(device), backend="triton")[1].square().sum().backward()
+    loop_segment_mean(dense_masked_attention(*ref, part).reshape(1, 60, 32), part).square().sum().backward()
+    for a, b in zip(ours, ref):
+        assert rel_err(a.grad.cpu(), b.grad) <= 2 * tol
+
+
 def test_segment_mean_matches_reference(mode):
     device, dtype, tol = mode
     g = torch.Generator().manual_seed(12)
@@ -117,7 +157,7 @@ def test_noncontiguous_inputs_and_large_logits(mode):
     g = torch.Generator().manual_seed(13)
     part = random_partition(90, max_size=12, generator=g)
     qkv = torch.randn(2, 90, 3, 2, 16, generator=g)          # as a fused projection lays it out
-    q, k, v = (t.to(device, dtype) for t in qkv.unbind(2))
+    q, k, v = qkv.to(device, dtype).unbind(2)               # cast first: views, not copies
     assert not q.is_contiguous()
     out = sk.intra_attention(q, k, v, part.to(device), scale=100 / 4, backend="triton")
     ref = dense_masked_attention(*(t.double() for t in qkv.unbind(2)), part, scale=100 / 4)
