@@ -3,7 +3,7 @@
 # Logs and results go to $OUT (the device tool brings that folder back); commit them under
 # bench/results/ afterwards.
 #
-#   bash bench/gpu_check.sh [tests] [kernels] [sweep]     (default: all three)
+#   bash bench/gpu_check.sh [tests] [sanitize] [kernels] [sweep]     (default: all four)
 #   SWEEP_ARGS="--n 1024 8600 65536 1000000" bash bench/gpu_check.sh sweep
 #
 # One device call is capped at 10 minutes: run the stages in separate calls if they do not fit,
@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 mkdir -p "$OUT"
-stages=${*:-tests kernels sweep}
+stages=${*:-tests sanitize kernels sweep}
 export PYTHONUNBUFFERED=1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -30,10 +30,16 @@ for stage in $stages; do
     case $stage in
         tests)      # SPEC 5 suite on CUDA: fp32 (IEEE), tf32, bf16; torch.compile with inductor
             python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1 ;;
-        kernels)    # issue 3's first timing: triton vs torch backend, N = 10k and 100k, M = 32, 64, 128
+        sanitize)   # the cuda backend's kernels under compute-sanitizer, on a small case
+            for tool in memcheck racecheck; do
+                compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/cuda_small_case.py \
+                    >"$OUT/sanitize-$tool.log" 2>&1 || status=1
+                tail -3 "$OUT/sanitize-$tool.log"
+            done ;;
+        kernels)    # first timings: triton, cuda and torch backends, N = 10k and 100k, M = 32, 64, 128
             for m in 32 64 128; do
                 python3 bench/scaling.py --n 10000 100000 --subgraph-size "$m" --dtype bf16 \
-                    --methods 'intra[triton]' 'intra[torch]' 'sba_layer[triton]' 'sba_layer[torch]' \
+                    --methods 'intra[triton]' 'intra[cuda]' 'intra[torch]' 'sba_layer[triton]' 'sba_layer[torch]' \
                     --out "$OUT/kernels-m$m" 2>&1 | tail -12 || status=1
             done ;;
         sweep)      # the main job at full size

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(AttentionProblem p, in
                                                           T* o, RowStrides so, float* lse) {
   TileCoord t;
   if (!locate(p, tiles, t)) return;
-  extern __shared__ float smem[];
+  float* smem = shared_floats();
   const int ld = p.head_dim + 1;  // +1: rows land in different banks
   float *Qs = smem, *Ks = Qs + TILE * ld, *Vs = Ks + TILE * ld, *Os = Vs + TILE * ld;
   float *S = Os + TILE * ld, *m = S + TILE * (TILE + 1), *l = m + TILE, *alpha = l + TILE;
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(THREADS) dq_kernel(AttentionProblem p, int til
                                                      const float* delta, T* dq, RowStrides sg) {
   TileCoord t;
   if (!locate(p, tiles, t)) return;
-  extern __shared__ float smem[];
+  float* smem = shared_floats();
   const int ld = p.head_dim + 1;
   float *Qs = smem, *dOs = Qs + TILE * ld, *Ks = dOs + TILE * ld, *Vs = Ks + TILE * ld, *dQs = Vs + TILE * ld;
   float *DS = dQs + TILE * ld, *lse_s = DS + TILE * (TILE + 1), *delta_s = lse_s + TILE;
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(THREADS) dkdv_kernel(AttentionProblem p, int t
                                                        const float* delta, T* dk, T* dv, RowStrides sg) {
   TileCoord t;
   if (!locate(p, tiles, t)) return;
-  extern __shared__ float smem[];
+  float* smem = shared_floats();
   const int ld = p.head_dim + 1;
   float *Ks = smem, *Vs = Ks + TILE * ld, *Qs = Vs + TILE * ld, *dOs = Qs + TILE * ld, *dKs = dOs + TILE * ld;
   float *dVs = dKs + TILE * ld, *P = dVs + TILE * ld, *DS = P + TILE * (TILE + 1), *lse_s = DS + TILE * (TILE + 1);
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(AttentionProblem p, int 
   const int length = p.lengths[part];
   if (q0 >= length || k0 >= length) return;
   const int bias_head = blockIdx.y;
-  extern __shared__ float smem[];
+  float* smem = shared_floats();
   const int ld = p.head_dim + 1;
   float *Qs = smem, *dOs = Qs + TILE * ld, *Ks = dOs + TILE * ld, *Vs = Ks + TILE * ld, *acc = Vs + TILE * ld;
   float *lse_s = acc + TILE * (TILE + 1), *delta_s = lse_s + TILE;

@@ -1,13 +1,34 @@
 // Torch binding of the SBA CUDA kernels: tensors in, launches through sba_cuda.h, tensors out.
 // The Python side (sba_kernels/cuda_backend.py) checks arguments first with readable errors;
 // the TORCH_CHECKs here guard the same contract for callers that come straight to C++.
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+#ifndef SBA_CPU_EMULATION
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "sba_cuda.h"
 
 namespace {
+
+// Where the kernels run. The emulation build (tests/cuda_emulator) runs this file and the
+// kernels on CPU threads over CPU tensors, so CI, which has no GPU, executes them; it also
+// fills outputs with NaN so that an element no kernel writes shows up.
+#ifdef SBA_CPU_EMULATION
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+cudaStream_t current_stream() { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(at::Device) {}
+};
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::full(sizes, NAN, options);
+}
+#else
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+cudaStream_t current_stream() { return current_stream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+#endif
 
 sba::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -21,7 +42,7 @@ sba::DType dtype_of(const at::Tensor& t) {
 sba::RowStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.dim() == 4 && t.stride(3) == 1, "sba cuda: ", name,
+  TORCH_CHECK(on_kernel_device(t) && t.dim() == 4 && t.stride(3) == 1, "sba cuda: ", name,
               " must be a CUDA [B, N, H, d] tensor with a contiguous last dim");
   TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type(), "sba cuda: ", name,
               " must match q in shape and dtype");
@@ -29,9 +50,9 @@ void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
 
 sba::AttentionProblem problem(const at::Tensor& q, const at::Tensor& index, const at::Tensor& lengths,
                               const c10::optional<at::Tensor>& bias, double scale) {
-  TORCH_CHECK(index.is_cuda() && index.scalar_type() == at::kInt && index.dim() == 2 && index.is_contiguous(),
+  TORCH_CHECK(on_kernel_device(index) && index.scalar_type() == at::kInt && index.dim() == 2 && index.is_contiguous(),
               "sba cuda: index must be a contiguous CUDA int32 [P, M] tensor");
-  TORCH_CHECK(lengths.is_cuda() && lengths.scalar_type() == at::kInt && lengths.numel() == index.size(0),
+  TORCH_CHECK(on_kernel_device(lengths) && lengths.scalar_type() == at::kInt && lengths.numel() == index.size(0),
               "sba cuda: lengths must be a CUDA int32 [P] tensor");
   TORCH_CHECK(q.size(3) <= 128, "sba cuda: head dim must be <= 128");
   sba::AttentionProblem p{};
@@ -45,7 +66,7 @@ sba::AttentionProblem problem(const at::Tensor& q, const at::Tensor& index, cons
   p.index = index.data_ptr<int32_t>();
   p.lengths = lengths.data_ptr<int32_t>();
   p.dtype = dtype_of(q);
-  p.stream = c10::cuda::getCurrentCUDAStream();
+  p.stream = current_stream();
   p.bias = nullptr;
   p.bias_heads = 1;
   if (bias.has_value()) {
@@ -70,10 +91,10 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   check_rows(q, "q", q);
   check_rows(k, "k", q);
   check_rows(v, "v", q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const auto p = problem(q, index, lengths, bias, scale);
-  auto o = at::empty(q.sizes(), q.options());
-  auto lse = at::empty({p.batch, p.heads, p.nodes}, q.options().dtype(at::kFloat));
+  auto o = new_output(q.sizes(), q.options());
+  auto lse = new_output({p.batch, p.heads, p.nodes}, q.options().dtype(at::kFloat));
   check(sba::attention_forward(p, q.data_ptr(), strides_of(q), k.data_ptr(), strides_of(k), v.data_ptr(),
                                strides_of(v), o.data_ptr(), strides_of(o), lse.data_ptr<float>()),
         "attention forward");
@@ -86,12 +107,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
                                            const c10::optional<at::Tensor>& bias, double scale, bool need_dbias) {
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&o, "o"}, {&dout, "dout"}}) check_rows(*t, name, q);
   TORCH_CHECK(!need_dbias || bias.has_value(), "sba cuda: need_dbias without a bias");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const auto p = problem(q, index, lengths, bias, scale);
-  auto delta = at::empty({p.batch, p.heads, p.nodes}, q.options().dtype(at::kFloat));
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(q.sizes(), q.options());
-  auto dv = at::empty(q.sizes(), q.options());
+  auto delta = new_output({p.batch, p.heads, p.nodes}, q.options().dtype(at::kFloat));
+  auto dq = new_output(q.sizes(), q.options());
+  auto dk = new_output(q.sizes(), q.options());
+  auto dv = new_output(q.sizes(), q.options());
   // Padding entries never reach the scores: their gradient stays 0.
   auto dbias = need_dbias ? at::zeros(bias->sizes(), q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
   check(sba::attention_backward(p, q.data_ptr(), strides_of(q), k.data_ptr(), strides_of(k), v.data_ptr(),
@@ -103,24 +124,24 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
 }
 
 at::Tensor segment_mean_forward(const at::Tensor& x, const at::Tensor& index, const at::Tensor& lengths) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.stride(2) == 1, "sba cuda: x must be a CUDA [B, N, C] tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto z = at::empty({x.size(0), index.size(0), x.size(2)}, x.options());
+  TORCH_CHECK(on_kernel_device(x) && x.dim() == 3 && x.stride(2) == 1, "sba cuda: x must be a CUDA [B, N, C] tensor");
+  const DeviceGuard guard(x.device());
+  auto z = new_output({x.size(0), index.size(0), x.size(2)}, x.options());
   check(sba::segment_mean_forward(x.data_ptr(), x.stride(0), x.stride(1), z.data_ptr(), x.size(0), index.size(0),
                                   index.size(1), x.size(2), index.data_ptr<int32_t>(), lengths.data_ptr<int32_t>(),
-                                  dtype_of(x), c10::cuda::getCurrentCUDAStream()),
+                                  dtype_of(x), current_stream()),
         "segment mean forward");
   return z;
 }
 
 at::Tensor segment_mean_backward(const at::Tensor& dz, const at::Tensor& assignment, const at::Tensor& lengths) {
-  TORCH_CHECK(dz.is_cuda() && dz.dim() == 3 && dz.stride(2) == 1, "sba cuda: dz must be a CUDA [B, P, C] tensor");
+  TORCH_CHECK(on_kernel_device(dz) && dz.dim() == 3 && dz.stride(2) == 1, "sba cuda: dz must be a CUDA [B, P, C] tensor");
   TORCH_CHECK(assignment.scalar_type() == at::kLong, "sba cuda: assignment must be int64");
-  const c10::cuda::CUDAGuard guard(dz.device());
-  auto dx = at::empty({dz.size(0), assignment.size(0), dz.size(2)}, dz.options());
+  const DeviceGuard guard(dz.device());
+  auto dx = new_output({dz.size(0), assignment.size(0), dz.size(2)}, dz.options());
   check(sba::segment_mean_backward(dz.data_ptr(), dz.stride(0), dz.stride(1), dx.data_ptr(), dz.size(0),
                                    assignment.size(0), dz.size(2), assignment.data_ptr<int64_t>(),
-                                   lengths.data_ptr<int32_t>(), dtype_of(dz), c10::cuda::getCurrentCUDAStream()),
+                                   lengths.data_ptr<int32_t>(), dtype_of(dz), current_stream()),
         "segment mean backward");
   return dx;
 }

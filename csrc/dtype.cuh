@@ -17,6 +17,17 @@ template <> __device__ inline float from_f<float>(float x) { return x; }
 template <> __device__ inline __half from_f<__half>(float x) { return __float2half(x); }
 template <> __device__ inline __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
+// The block's dynamic shared memory, as floats. The CPU emulation build (SBA_CPU_EMULATION,
+// tests/cuda_emulator) hands each emulated block its own buffer of exactly the launch's size.
+__device__ inline float* shared_floats() {
+#ifdef SBA_CPU_EMULATION
+  return static_cast<float*>(sba_emu::dynamic_shared_memory());
+#else
+  extern __shared__ float smem[];
+  return smem;
+#endif
+}
+
 // Calls launch(T{}) with T the C++ type of `dtype`.
 template <typename F>
 cudaError_t with_dtype(DType dtype, F&& launch) {

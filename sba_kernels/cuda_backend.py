@@ -23,6 +23,9 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("bindings.cpp", "attention.cu", "segment_mean.cu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
+# Where the extension's kernels run: "cpu" only for the test build that emulates CUDA on CPU
+# threads (tests/cuda_emulator), which swaps in its own module for `_ext`.
+KERNEL_DEVICE = "cuda"
 
 
 class BuildError(RuntimeError):
@@ -72,7 +75,7 @@ def _ext():
 
 def check_supported(x: torch.Tensor, name: str = "q") -> None:
     """What the CUDA kernels accept beyond the ops' own checks; ValueError naming ``name``."""
-    if x.device.type != "cuda":
+    if x.device.type != KERNEL_DEVICE:
         raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got {x.device}")
     if x.dtype not in DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16 for the cuda backend, got {x.dtype}")
