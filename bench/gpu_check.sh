@@ -39,7 +39,7 @@ for stage in $stages; do
         kernels)    # first timings: triton, cuda and torch backends, N = 10k and 100k, M = 32, 64, 128
             for m in 32 64 128; do
                 python3 bench/scaling.py --n 10000 100000 --subgraph-size "$m" --dtype bf16 \
-                    --methods 'intra[triton]' 'intra[cuda]' 'intra[torch]' 'sba_layer[triton]' 'sba_layer[torch]' \
+                    --methods 'intra[triton]' 'intra[cuda]' 'intra[torch]' 'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]' \
                     --out "$OUT/kernels-m$m" 2>&1 | tail -12 || status=1
             done ;;
         sweep)      # the main job at full size
