@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import sba_kernels as sk
 from sba_kernels import triton_backend
 from sba_model import SBAttention
-from helpers import dense_masked_attention, random_partition, rel_err
+from helpers import dense_masked_attention, loop_segment_mean, random_partition, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,9 +40,13 @@ def test_intra_forward_and_backward_on_any_partition(n, max_size, giant, batch, 
                                    dtype=torch.float64))
         ours = [t.to(DEVICE, torch.float32).requires_grad_() for t in ins]
         ref = [t.clone().requires_grad_() for t in ins]
-        out = sk.intra_attention(*ours[:3], part.to(DEVICE), bias=ours[3] if bias_kind else None, scale=scale,
-                                 backend="triton")
-        expect = dense_masked_attention(*ref[:3], part, ref[3] if bias_kind else None, scale=scale)
+        # The pooled op: o and its subgraph means z from the kernel's epilogue, both checked.
+        o, z = sk.intra_attention_pooled(*ours[:3], part.to(DEVICE), bias=ours[3] if bias_kind else None,
+                                         scale=scale, backend="triton")
+        out = torch.cat([o.reshape(-1), z.reshape(-1)])
+        o_ref = dense_masked_attention(*ref[:3], part, ref[3] if bias_kind else None, scale=scale)
+        z_ref = loop_segment_mean(o_ref.reshape(batch, n, heads * head_dim), part)
+        expect = torch.cat([o_ref.reshape(-1), z_ref.reshape(-1)])
         grad = torch.randn(expect.shape, generator=g, dtype=torch.float64)
         out.backward(grad.to(DEVICE, torch.float32))
         expect.backward(grad)
