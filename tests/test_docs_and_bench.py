@@ -53,3 +53,20 @@ def test_scaling_script_writes_files_and_slopes_follow_the_math(tmp_path):
     assert slopes["intra[torch]"]["fwd_peak_bytes"] < 1.3
     assert slopes["sdpa_full"]["fwd_ms"] > 1.6                    # quadratic in N
     assert slopes["sdpa_dense_mask"]["fwd_peak_bytes"] > 1.6      # the N x N mask and scores
+
+
+def test_seed_summary_means_and_spreads(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from seed_summary import main
+
+    head = "| model | 15min MAE | avg MAE | avg RMSE | epochs |\n| --- | --- | --- | --- | --- |\n"
+    (tmp_path / "a.md").write_text("# t\n\n" + head + "| sba | 1 | **4.0** | 7.0 | 3 |\n| gru | 1 | 4.5 | 8.0 | 3 |\n")
+    (tmp_path / "b.md").write_text(head + "| sba | 1 | 4.2 | 7.4 | 3 |\n")
+    out = tmp_path / "seeds.md"
+    assert main([str(tmp_path / "a.md"), str(tmp_path / "b.md"), "--out", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert "| 2 | 4.100 ± 0.141 | 7.200 ± 0.283 | 4.000, 4.200 |" in rows["sba"]
+    assert "4.500 (one seed)" in rows["gru"] and "4.500, –" in rows["gru"]
+    (tmp_path / "c.md").write_text("| model | MAE |\n| --- | --- |\n| sba | 1 |\n")
+    with pytest.raises(ValueError, match="no column 'avg MAE'"):
+        main([str(tmp_path / "c.md")])
