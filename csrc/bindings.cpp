@@ -12,7 +12,7 @@
 namespace {
 
 // Where the kernels run. The emulation build (tests/cuda_emulator) runs this file and the
-// kernels on CPU threads over CPU tensors, so CI, which has no GPU, executes them; it also
+// kernels on the CPU over CPU tensors, so CI, which has no GPU, executes them; it also
 // fills outputs with NaN so that an element no kernel writes shows up.
 #ifdef SBA_CPU_EMULATION
 bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }

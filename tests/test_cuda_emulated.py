@@ -5,8 +5,9 @@ GPU, checked against the float64 dense reference (SPEC section 5).
 This is to the CUDA C++ what TRITON_INTERPRET=1 is to the Triton kernels: it executes every
 line of the kernels (indexing, tiling, online softmax, masking, barriers, shared memory sizes)
 without a GPU. Outputs start as NaN (the emulation build's allocation), so an element no
-kernel writes fails the check. What it cannot see (warp scheduling, the memory model) is
-left to the GPU test in test_cuda_backend.py and compute-sanitizer.
+kernel writes fails the check, and running the threads of each block in two orders checks
+for races inside a block. What it cannot see (warps, the memory model, races between blocks)
+is left to the GPU test in test_cuda_backend.py and compute-sanitizer.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def emulated():
     (WORK / "build").mkdir(parents=True, exist_ok=True)
     module = cpp_extension.load(
         name="sba_cuda_emulated", sources=[str(s) for s in sources], build_directory=str(WORK / "build"),
-        extra_include_paths=[str(EMULATOR)], extra_cflags=["-O2", "-std=c++17", "-DSBA_CPU_EMULATION", "-pthread"],
-        extra_ldflags=["-pthread"], verbose=False)
+        extra_include_paths=[str(EMULATOR)], extra_cflags=["-O2", "-std=c++17", "-DSBA_CPU_EMULATION"],
+        verbose=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cuda_backend, "_ext", lambda: module)
         patch.setattr(cuda_backend, "KERNEL_DEVICE", "cpu")
@@ -166,6 +167,28 @@ def test_backward_is_deterministic(emulated):
         assert torch.equal(a, b)
 
 
+def _every_kernel(backend, generator):
+    """Outputs and gradients of one call of every kernel: intra attention with a per-head bias
+    (forward, delta, dQ, dK/dV, dBias), the pooled op and inter attention (segment mean)."""
+    part = random_partition(70, max_size=9, giant=40, generator=generator)
+    ins = [torch.randn(2, 70, 2, 16, generator=generator).requires_grad_() for _ in range(3)]
+    bias = torch.randn(2, part.num_parts, part.max_size, part.max_size, generator=generator).requires_grad_()
+    o, z = backend.intra_attention_pooled(*ins, part, bias, 0.3)
+    g = backend.inter_attention(z, z, z, None, 0.3)
+    (o.square().sum() + g.sum()).backward()
+    return [o, z, g] + [t.grad for t in ins + [bias]]
+
+
+def test_kernels_are_race_free(emulated, monkeypatch):
+    """The emulator's racecheck: threads of a block run in order, first to last or last to
+    first, between barriers. A shared-memory race gives different bits under the two orders."""
+    first = _every_kernel(emulated, torch.Generator().manual_seed(26))
+    monkeypatch.setenv("SBA_EMU_SCHEDULE", "reverse")
+    reversed_ = _every_kernel(emulated, torch.Generator().manual_seed(26))
+    for i, (a, b) in enumerate(zip(first, reversed_)):
+        assert torch.equal(a, b), f"result {i} depends on the order of the threads"
+
+
 def test_binding_rejects_what_the_kernels_cannot_take(emulated):
     part = random_partition(10, max_size=4, generator=torch.Generator().manual_seed(25))
     q = torch.randn(1, 10, 1, 16)
@@ -185,7 +208,7 @@ def planted():
     assert compiler, "g++ is needed to build the CUDA emulation"
     src = emulation_sources(EMULATOR / "planted", WORK / "planted")
     lib = WORK / "planted" / "libplanted.so"
-    cmd = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", f"-I{EMULATOR}", "-DSBA_CPU_EMULATION",
+    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMULATOR}", "-DSBA_CPU_EMULATION",
            *map(str, src), "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -201,6 +224,7 @@ def planted():
     ("too_much_shared", "dynamic shared memory over the kernel's limit"),
     ("too_many_threads", "invalid launch configuration"),
     ("uninitialized_shared", "nan"),
+    ("race", "schedules disagree"),
 ])
 def test_emulator_reports_planted_faults(planted, case, message):
     assert message in planted.run_case(case.encode()).decode()
