@@ -31,6 +31,8 @@ for stage in $stages; do
         tests)      # SPEC 5 suite on CUDA: fp32 (IEEE), tf32, bf16; torch.compile with inductor
             python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1 ;;
         sanitize)   # the cuda backend's kernels under compute-sanitizer, on a small case
+            # Build (or load the cached) extension first, so the sanitizer watches kernels, not nvcc.
+            python3 -c "from sba_kernels import cuda_backend as c; print('cuda backend:', c.unavailable_reason())"
             for tool in memcheck racecheck; do
                 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/cuda_small_case.py \
                     >"$OUT/sanitize-$tool.log" 2>&1 || status=1
