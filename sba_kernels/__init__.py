@@ -11,5 +11,6 @@ from .dispatch import available_backends
 from .ops import inter_attention, intra_attention, intra_attention_pooled, segment_mean
 from .partition import Partition
 
-__all__ = ["Partition", "intra_attention", "intra_attention_pooled", "segment_mean", "inter_attention", "available_backends"]
+__all__ = ["Partition", "intra_attention", "intra_attention_pooled", "segment_mean", "inter_attention",
+           "available_backends"]
 __version__ = "0.1.0"

@@ -62,17 +62,22 @@ class KernelBackend:
             grads = [q.new_empty(q.shape) for _ in range(3)]
             return (*grads, bias.new_empty(bias.shape) if need_dbias else q.new_empty(0))
 
+        def attention_grads(ctx, do, q, k, v, o, lse, index, lengths, bias, bias_input: int):
+            """dq, dk, dv, and dbias or None when input ``bias_input`` (the bias) needs none, from
+            o's whole gradient ``do``."""
+            need_dbias = bias is not None and ctx.needs_input_grad[bias_input]
+            dq, dk, dv, dbias = attention_bwd(_last_dim_contiguous(do), q, k, v, o, lse, index, lengths, bias,
+                                              ctx.scale, need_dbias)
+            return dq, dk, dv, dbias if need_dbias else None
+
         def setup(ctx, inputs, output):
             q, k, v, index, lengths, bias, scale = inputs
             ctx.save_for_backward(q, k, v, output[0], output[1], index, lengths, bias)
             ctx.scale = scale
 
         def backward(ctx, do, _dlse):
-            q, k, v, o, lse, index, lengths, bias = ctx.saved_tensors
-            need_dbias = bias is not None and ctx.needs_input_grad[5]
-            dq, dk, dv, dbias = attention_bwd(_last_dim_contiguous(do), q, k, v, o, lse, index, lengths, bias,
-                                              ctx.scale, need_dbias)
-            return dq, dk, dv, None, None, dbias if need_dbias else None, None
+            dq, dk, dv, dbias = attention_grads(ctx, do, *ctx.saved_tensors, bias_input=5)
+            return dq, dk, dv, None, None, dbias, None
 
         attention_fwd.register_autograd(backward, setup_context=setup)
 
@@ -128,11 +133,9 @@ class KernelBackend:
             q, k, v, o, lse, index, lengths, assignment, bias = ctx.saved_tensors
             B, N, H, d = q.shape
             dz_rows = segment_mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths)
-            do = do + dz_rows.view(B, N, H, d)
-            need_dbias = bias is not None and ctx.needs_input_grad[6]
-            dq, dk, dv, dbias = attention_bwd(_last_dim_contiguous(do), q, k, v, o, lse, index, lengths, bias,
-                                              ctx.scale, need_dbias)
-            return dq, dk, dv, None, None, None, dbias if need_dbias else None, None
+            dq, dk, dv, dbias = attention_grads(ctx, do + dz_rows.view(B, N, H, d), q, k, v, o, lse, index,
+                                                lengths, bias, bias_input=6)
+            return dq, dk, dv, None, None, None, dbias, None
 
         attention_pooled_fwd.register_autograd(pooled_backward, setup_context=pooled_setup)
         self._attention_pooled_fwd = attention_pooled_fwd

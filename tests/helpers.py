@@ -78,6 +78,22 @@ def loop_segment_mean(x, partition: Partition):
     return torch.stack([x[:, nodes].mean(1) for nodes in partition.parts()], dim=1)
 
 
+def compare_forward_backward(fn, ref_fn, inputs, *, dtype, tol, generator, device="cpu") -> None:
+    """Forward and backward of ``fn`` on ``inputs`` cast to dtype/device vs ``ref_fn`` in
+    float64; asserts output and every gradient within tol (gradients 2 x tol)."""
+    ours = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in inputs]
+    ref = [t.to(torch.float64, copy=True).requires_grad_() for t in inputs]
+    out = fn(*ours)
+    expect = ref_fn(*ref)
+    grad_out = torch.randn(expect.shape, generator=generator, dtype=torch.float64)
+    out.backward(grad_out.to(device=device, dtype=dtype))
+    expect.backward(grad_out)
+    assert out.dtype == dtype and out.device.type == device
+    assert rel_err(out.cpu(), expect) <= tol, "output"
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert rel_err(a.grad.cpu(), b.grad) <= 2 * tol, f"gradient of input {i}"
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-300) -> float:
     """``||out - ref|| / max(||ref||, floor)`` in float64; inf if out has a NaN.
 

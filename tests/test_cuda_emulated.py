@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from sba_kernels import cuda_backend
-from helpers import dense_attention, dense_masked_attention, loop_segment_mean, random_partition, rel_err
+from helpers import (compare_forward_backward, dense_attention, dense_masked_attention, loop_segment_mean,
+                     random_partition, rel_err)
 
 EMULATOR = Path(__file__).resolve().parent / "cuda_emulator"
 WORK = Path(tempfile.gettempdir()) / "sba_cuda_emulated"
@@ -70,21 +71,6 @@ def emulated():
         yield cuda_backend
 
 
-def _compare(fn, ref_fn, inputs, dtype, generator, tol=None):
-    """Forward and backward of ``fn`` in ``dtype`` against ``ref_fn`` in float64."""
-    tol = TOLERANCE[dtype] if tol is None else tol
-    ours = [t.to(dtype).requires_grad_() for t in inputs]
-    ref = [t.clone().requires_grad_() for t in inputs]
-    out, expect = fn(*ours), ref_fn(*ref)
-    grad = torch.randn(expect.shape, generator=generator, dtype=F64)
-    out.backward(grad.to(dtype))
-    expect.backward(grad)
-    assert out.dtype == dtype
-    assert rel_err(out, expect) <= tol, "output"
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        assert rel_err(a.grad, b.grad) <= 2 * tol, f"gradient of input {i}"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias_kind", [None, "shared", "per_head"])
 def test_intra_matches_reference(emulated, dtype, bias_kind):
@@ -102,7 +88,7 @@ def test_intra_matches_reference(emulated, dtype, bias_kind):
     def ref(q, k, v, *bias):
         return dense_masked_attention(q, k, v, part, bias[0] if bias else None, scale=0.7)
 
-    _compare(ours, ref, inputs, dtype, g)
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=TOLERANCE[dtype], generator=g)
 
 
 @pytest.mark.parametrize("head_dim", [24, 64, 128])
@@ -111,8 +97,9 @@ def test_head_dims_and_shared_memory_opt_in(emulated, head_dim):
     g = torch.Generator().manual_seed(head_dim)
     part = random_partition(40, max_size=9, giant=33, generator=g)
     inputs = [torch.randn(1, 40, 1, head_dim, generator=g, dtype=F64) for _ in range(3)]
-    _compare(lambda q, k, v: emulated.intra_attention(q, k, v, part, None, head_dim ** -0.5),
-             lambda q, k, v: dense_masked_attention(q, k, v, part), inputs, torch.float32, g)
+    compare_forward_backward(lambda q, k, v: emulated.intra_attention(q, k, v, part, None, head_dim ** -0.5),
+                             lambda q, k, v: dense_masked_attention(q, k, v, part), inputs,
+                             dtype=torch.float32, tol=TOLERANCE[torch.float32], generator=g)
 
 
 def test_noncontiguous_inputs(emulated):
@@ -130,8 +117,9 @@ def test_inter_matches_reference(emulated):
     B, P, H, d = 1, 100, 2, 16                     # 4 query tiles and 4 key tiles
     inputs = [torch.randn(B, P, H, d, generator=g, dtype=F64) for _ in range(3)]
     inputs.append(torch.randn(H, P, P, generator=g, dtype=F64))
-    _compare(lambda q, k, v, b: emulated.inter_attention(q, k, v, b, 0.25),
-             lambda q, k, v, b: dense_attention(q, k, v, b, scale=0.25), inputs, torch.float32, g)
+    compare_forward_backward(lambda q, k, v, b: emulated.inter_attention(q, k, v, b, 0.25),
+                             lambda q, k, v, b: dense_attention(q, k, v, b, scale=0.25), inputs,
+                             dtype=torch.float32, tol=TOLERANCE[torch.float32], generator=g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -139,7 +127,8 @@ def test_segment_mean_and_pooled_attention(emulated, dtype):
     g = torch.Generator().manual_seed(23)
     part = random_partition(80, max_size=9, giant=40, generator=g)
     x = torch.randn(2, 80, 150, generator=g, dtype=F64)       # C > the 128 threads of a block
-    _compare(lambda x: emulated.segment_mean(x, part), lambda x: loop_segment_mean(x, part), [x], dtype, g)
+    compare_forward_backward(lambda x: emulated.segment_mean(x, part), lambda x: loop_segment_mean(x, part), [x],
+                             dtype=dtype, tol=TOLERANCE[dtype], generator=g)
     inputs = [torch.randn(2, 80, 2, 16, generator=g, dtype=F64) for _ in range(3)]
 
     def ours(q, k, v):
@@ -150,7 +139,7 @@ def test_segment_mean_and_pooled_attention(emulated, dtype):
         o = dense_masked_attention(q, k, v, part, scale=0.25)
         return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(2, 80, 32), part).reshape(-1)])
 
-    _compare(ours, ref, inputs, dtype, g)
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=TOLERANCE[dtype], generator=g)
 
 
 def test_backward_is_deterministic(emulated):

@@ -12,7 +12,8 @@ import torch
 
 import sba_kernels as sk
 from sba_kernels import triton_backend
-from helpers import dense_attention, dense_masked_attention, loop_segment_mean, random_partition, rel_err
+from helpers import (compare_forward_backward, dense_attention, dense_masked_attention, loop_segment_mean,
+                     random_partition, rel_err)
 
 F64 = torch.float64
 if torch.cuda.is_available():
@@ -37,23 +38,6 @@ def mode(request):
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _run_and_compare(fn, ref_fn, inputs, device, dtype, tol, generator):
-    """Forward and backward of ``fn`` on ``inputs`` cast to dtype/device vs ``ref_fn`` in
-    float64; asserts output and every gradient within tol (gradients 2 x tol)."""
-    ours = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in inputs]
-    ref = [t.to(F64, copy=True).requires_grad_() for t in inputs]
-    out = fn(*ours)
-    expect = ref_fn(*ref)
-    grad_out = torch.randn(expect.shape, generator=generator, dtype=F64)
-    out.backward(grad_out.to(device=device, dtype=dtype))
-    expect.backward(grad_out)
-    assert out.dtype == dtype and out.device.type == device
-    assert rel_err(out.cpu(), expect) <= tol, "output"
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        assert rel_err(a.grad.cpu(), b.grad) <= 2 * tol, f"gradient of input {i}"
-    return out
-
-
 @pytest.mark.parametrize("bias_kind", [None, "shared", "per_head"])
 def test_intra_matches_reference(mode, bias_kind):
     device, dtype, tol = mode
@@ -73,7 +57,7 @@ def test_intra_matches_reference(mode, bias_kind):
     def ref(q, k, v, *bias):
         return dense_masked_attention(q, k, v, part, bias[0] if bias else None, scale=0.5)
 
-    _run_and_compare(ours, ref, inputs, device, dtype, tol, g)
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g, device=device)
 
 
 @pytest.mark.parametrize("bias_shape", [None, "PP", "HPP"])
@@ -91,7 +75,7 @@ def test_inter_matches_reference(mode, bias_shape):
     def ref(q, k, v, *bias):
         return dense_attention(q, k, v, bias[0] if bias else None)
 
-    _run_and_compare(ours, ref, inputs, device, dtype, tol, g)
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g, device=device)
 
 
 @pytest.mark.parametrize("giant, bias_kind", [(0, None), (83, "per_head")])
@@ -116,7 +100,7 @@ def test_intra_pooled_matches_reference(mode, giant, bias_kind):
         o = dense_masked_attention(q, k, v, part, bias[0] if bias else None)
         return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(B, 170, H * d), part).reshape(-1)])
 
-    _run_and_compare(ours, ref, inputs, device, dtype, tol, g)
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g, device=device)
 
 
 def test_intra_pooled_gradient_through_means_alone(mode):
@@ -138,8 +122,9 @@ def test_segment_mean_matches_reference(mode):
     part = random_partition(200, max_size=13, giant=70, generator=g)
     dpart = part.to(device)
     x = torch.randn(3, 200, 150, generator=g)   # C spans two channel blocks
-    _run_and_compare(lambda x: sk.segment_mean(x, dpart, backend="triton"),
-                     lambda x: loop_segment_mean(x, part), [x], device, dtype, tol, g)
+    compare_forward_backward(lambda x: sk.segment_mean(x, dpart, backend="triton"),
+                             lambda x: loop_segment_mean(x, part), [x], dtype=dtype, tol=tol, generator=g,
+                             device=device)
 
 
 @pytest.mark.parametrize("head_dim", [16, 24, 32, 64, 128])
