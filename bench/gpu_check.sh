@@ -1,53 +1,76 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: install what is missing, run the GPU tests, then the benchmarks.
+# One device call on a lent GPU: the GPU tests, compute-sanitizer, backend timings, the sweep.
 # Logs and results go to $OUT (the device tool brings that folder back); commit them under
-# bench/results/ afterwards.
+# bench/results/gpu-<device>/ afterwards.
 #
 #   bash bench/gpu_check.sh [tests] [sanitize] [kernels] [sweep]     (default: all four)
-#   SWEEP_ARGS="--n 1024 8600 65536 1000000" bash bench/gpu_check.sh sweep
+#   SWEEP_ARGS="--n 8600 100000" bash bench/gpu_check.sh sweep
 #
-# One device call is capped at 10 minutes: run the stages in separate calls if they do not fit,
-# and split the sweep's sizes with SWEEP_ARGS (each call writes its own $OUT/scaling).
-# The GPU image has torch and triton but no pymetis and no network: carry wheels in .whl/
-# (see README: "GPU sessions").
+# A device call is capped at 10 minutes, so nothing here may take the whole call with it:
+# * every stage runs under `timeout` (STAGE_S seconds, default 150), and a stage that hits it
+#   is reported and the next stage runs;
+# * `tests` runs only the GPU tests (`-m gpu`), stopping at the first failure, 120 s per test;
+# * the sweep rewrites scaling.csv/json after every point, so a killed sweep keeps its points;
+# * the project is used from this checkout through PYTHONPATH: no `pip install -e`, no build.
+#
+# What to carry. The GPU image has torch 2.11, triton 3.6, scipy, matplotlib, tqdm, ninja,
+# pytest, pytest-timeout, hypothesis and nvidia-ml-py on Python 3.12, no network, and no
+# pymetis. Carry pymetis as a wheel in .whl/ (ignored by git; `carry: [".whl"]`), fetched here:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl pymetis==2025.2.2
+# (pymetis has no other Python dependency.) tqdm and matplotlib are optional for the sweep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
+STAGE_S=${STAGE_S:-150}
 mkdir -p "$OUT"
 stages=${*:-tests sanitize kernels sweep}
 export PYTHONUNBUFFERED=1
-
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        || echo "installing the carried wheels failed"
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-{ nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$OUT/device.txt" 2>&1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+{ nvidia-smi; git rev-parse HEAD 2>/dev/null
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
 status=0
-for stage in $stages; do
-    case $stage in
-        tests)      # SPEC 5 suite on CUDA: fp32 (IEEE), tf32, bf16; torch.compile with inductor
-            python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1 ;;
+stage() {   # stage NAME LOG COMMAND...: run under the time limit, log to $OUT/LOG, say how it ended
+    local name=$1 log=$2; shift 2
+    timeout --kill-after=10 "$STAGE_S" "$@" >"$OUT/$log" 2>&1
+    local rc=$?
+    [ $rc -eq 124 ] && echo "[$name] stopped at the ${STAGE_S} s limit" | tee -a "$OUT/$log"
+    [ $rc -ne 0 ] && status=1
+    tail -15 "$OUT/$log"
+    echo "[$name] exit $rc"
+}
+
+for s in $stages; do
+    case $s in
+        tests)      # SPEC 5 on CUDA: the tests marked gpu (fp32 IEEE, tf32, bf16; the cuda backend)
+            stage tests tests.log python3 -m pytest -q -m gpu -x --timeout 120 -p no:cacheprovider tests ;;
         sanitize)   # the cuda backend's kernels under compute-sanitizer, on a small case
             # Build (or load the cached) extension first, so the sanitizer watches kernels, not nvcc.
-            python3 -c "from sba_kernels import cuda_backend as c; print('cuda backend:', c.unavailable_reason())"
+            stage build build.log python3 -c "from sba_kernels import cuda_backend as c; print('cuda backend:', c.unavailable_reason())"
             for tool in memcheck racecheck; do
-                compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/cuda_small_case.py \
-                    >"$OUT/sanitize-$tool.log" 2>&1 || status=1
-                tail -3 "$OUT/sanitize-$tool.log"
+                stage "sanitize-$tool" "sanitize-$tool.log" \
+                    compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/cuda_small_case.py
             done ;;
         kernels)    # first timings: triton, cuda and torch backends, N = 10k and 100k, M = 32, 64, 128
             for m in 32 64 128; do
-                python3 bench/scaling.py --n 10000 100000 --subgraph-size "$m" --dtype bf16 \
-                    --methods 'intra[triton]' 'intra[cuda]' 'intra[torch]' 'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]' \
-                    --out "$OUT/kernels-m$m" 2>&1 | tail -12 || status=1
+                stage "kernels-m$m" "kernels-m$m.log" python3 bench/scaling.py --n 10000 100000 --subgraph-size "$m" \
+                    --dtype bf16 --out "$OUT/kernels-m$m" --methods 'intra[triton]' 'intra[cuda]' 'intra[torch]' \
+                    'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
         sweep)      # the main job at full size
             # shellcheck disable=SC2086  # SWEEP_ARGS is a list of words on purpose
-            python3 bench/scaling.py --out "$OUT/scaling" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/scaling.log" | tail -60 || status=1 ;;
-        *) echo "unknown stage $stage"; status=1 ;;
+            stage sweep scaling.log python3 bench/scaling.py --out "$OUT/scaling" ${SWEEP_ARGS:-} ;;
+        *) echo "unknown stage $s"; status=1 ;;
     esac
 done
 exit $status

@@ -6,7 +6,8 @@
 For every N and method (see methods.py) it records the median time and the peak memory of
 a forward pass and of forward+backward. A method that runs out of memory or time at some N
 is recorded as such there and not tried at larger N; nothing stops the sweep. Writes under
-``--out``: ``scaling.csv``, ``scaling.json`` (device, versions, commit, config, copy bandwidth,
+``--out``, rewritten after every point so that a killed run keeps what it measured:
+``scaling.csv``, ``scaling.json`` (device, versions, commit, config, copy bandwidth,
 every point, fitted slopes) and log-log ``memory.png`` / ``time.png`` with the slope of each
 method in the legend. On a GPU, the ``intra[...]`` rows also carry the achieved fraction of
 the bandwidth floor (SPEC 5b).
@@ -127,13 +128,44 @@ def run_point_in_child(name, num_nodes, cfg, partition_file, args) -> dict:
 
 
 # ----------------------------------------------------------------------------- sweep
-def sweep(args, cfg: Config) -> list[dict]:
-    from tqdm import tqdm
+class _Progress:
+    """tqdm's bar when tqdm is installed, else one printed line per point (the GPU image may
+    lack it; the sweep must run there all the same)."""
 
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=total, unit="point") if tqdm else None
+        self.total, self.done, self.what = total, 0, ""
+
+    def set_description(self, what: str) -> None:
+        if self.bar:
+            self.bar.set_description(what)
+        self.what = what
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar:
+            self.bar.update()
+        else:
+            print(f"[{self.done}/{self.total}] {self.what}", flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.close()
+
+
+def sweep(args, cfg: Config, on_point=lambda rows: None) -> list[dict]:
+    """Every (N, method) point; ``on_point(rows)`` after each, so a killed run keeps its points."""
     names = [m for m in methods.registry(cfg.device) if not args.methods or m in args.methods]
     stopped: dict[str, str] = {}       # method -> why it is not tried at larger N
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(args.n) * len(names), unit="point") as bar:
+    with tempfile.TemporaryDirectory() as tmp, _Progress(len(args.n) * len(names)) as bar:
         for n in args.n:
             bar.set_description(f"N={n}: partitioning")
             partition = build_partition(n, args.subgraph_size, seed=cfg.seed)
@@ -153,6 +185,7 @@ def sweep(args, cfg: Config) -> list[dict]:
                 elif row["status"] != "ok" and not row["status"].startswith("skipped"):
                     stopped[name] = f"{row['status'].split(':')[0]} at N={n}"
                 rows.append(row)
+                on_point(rows)
                 bar.update()
     return rows
 
@@ -229,7 +262,11 @@ def write_atomic(path: Path, write) -> None:
 
 
 def plot(rows: list[dict], slopes: dict, key_fwd: str, key_bwd: str, ylabel: str, title: str, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path.name} not drawn (the numbers are in scaling.csv)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -254,7 +291,7 @@ def plot(rows: list[dict], slopes: dict, key_fwd: str, key_bwd: str, ylabel: str
     plt.close(fig)
 
 
-def write_outputs(out: Path, rows, slopes, cfg: Config, env: dict, bandwidth) -> None:
+def write_outputs(out: Path, rows, slopes, cfg: Config, env: dict, bandwidth, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"environment": env, "config": asdict(cfg), "copy_bandwidth_bytes_per_s": bandwidth,
            "slopes": slopes, "points": rows}
@@ -268,6 +305,8 @@ def write_outputs(out: Path, rows, slopes, cfg: Config, env: dict, bandwidth) ->
             w.writerows(rows)
 
     write_atomic(out / "scaling.csv", write_csv)
+    if not plots:
+        return
     plot(rows, slopes, "fwd_ms", "fwdbwd_ms", "median time (ms)", "Time", out / "time.png")
     plot(rows, slopes, "fwd_peak_bytes", "fwdbwd_peak_bytes", "peak memory above inputs (MiB)", "Memory",
          out / "memory.png")
@@ -336,7 +375,7 @@ def main(argv=None) -> int:
     env = environment(cfg.device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env.get('commit')}")
     bandwidth = measure.copy_bandwidth("cuda") if cfg.device == "cuda" else None
-    rows = sweep(args, cfg)
+    rows = sweep(args, cfg, on_point=lambda rows: write_outputs(args.out, rows, {}, cfg, env, bandwidth, plots=False))
     if bandwidth:
         add_bandwidth_fractions(rows, cfg, bandwidth)
     slopes = fit_slopes(rows)

@@ -25,7 +25,7 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 }
 #else
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
-cudaStream_t current_stream() { return current_stream(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 #endif

@@ -50,8 +50,8 @@ def _load():
         return None, f"sba_kernels._C is not built and the sources are not in {CSRC}"
     try:
         module = cpp_extension.load(name="sba_cuda_ext", sources=[str(CSRC / s) for s in SOURCES],
-                                    extra_cflags=["-O3", "-std=c++17"],
-                                    extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+                                    extra_cflags=["-O3"],
+                                    extra_cuda_cflags=["-O3"], verbose=False)
     except Exception as err:   # compiler or linker failure: report it, don't crash the caller
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return None, f"building the CUDA extension failed: {first}"

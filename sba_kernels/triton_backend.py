@@ -2,8 +2,8 @@
 
 The ``torch.library`` ops, autograd and entry points (``intra_attention``,
 ``inter_attention``, ``segment_mean``) come from `library.KernelBackend`, shared with the
-CUDA C++ backend. Block sizes follow from shapes and dtype alone (`blocks_for`), so the
-backward launches the same tiling as the forward without being told.
+CUDA C++ backend. Block sizes follow from shapes and dtype alone (`blocks_for`); the backward
+tiles independently of the forward (lse is saved per row, not per tile).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def _new(shape, dtype, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes: BLOCK_M query rows x BLOCK_N key rows x BLOCK_D head-dim columns."""
+    """Tile sizes (BLOCK_M query rows x BLOCK_N key rows x BLOCK_D head-dim columns) and the
+    launch options of one attention kernel."""
 
     m: int
     n: int
@@ -41,19 +42,48 @@ class Blocks:
     num_warps: int = 4
     num_stages: int = 2
 
+    def options(self, **override) -> dict:
+        """Launch options. ``maxnreg=255``: left alone, ptxas caps some of these kernels at 128
+        or 168 registers per thread and spills a few bytes (seen in the compile report); the
+        gathered loads already wait on memory, and a spill adds local-memory traffic to them."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=255) | override
 
-def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype) -> Blocks:
-    """Tiles no wider than the widest subgraph needs (tl.dot wants >= 16 per side)."""
+
+def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: bool = False) -> Blocks:
+    """The tiles and warps of one launch: the largest tile that compiles without a register spill
+    on sm_80 and sm_90, never wider than the widest subgraph needs (tl.dot wants >= 16 a side).
+
+    The caps come from ahead-of-time compiles of every configuration (`bench/kernel_report.py`,
+    `bench/results/static/`; compiler facts, not timings); `tests/test_gpu_compile.py` fails if
+    one of them spills:
+
+    * fp32 without TF32 (3xTF32 dots: three MMAs per dot and split operands): 16-row tiles,
+      except the forward at head dim <= 64, which fits 32;
+    * the backward keeps dK and dV accumulators and recomputes the probabilities: 32-row tiles
+      (16 for fp32 at head dim 128);
+    * the forward takes 64-row tiles at head dim <= 64 with 8 warps (4 warps spill on sm_80),
+      32 at head dim 128.
+    """
     d = max(16, triton.next_power_of_2(head_dim))
     fit = max(16, triton.next_power_of_2(max_len))
-    n_cap = 32 if (d >= 128 and dtype == torch.float32) else 64
-    return Blocks(m=min(fit, 64), n=min(fit, n_cap), d=d)
+    if dtype == torch.float32 and _precision(dtype) == "tf32x3":
+        cap = 32 if (not backward and d <= 64) else 16
+    elif backward:
+        cap = 16 if (dtype == torch.float32 and d >= 128) else 32
+    else:
+        cap = 64 if d <= 64 else 32
+    tile = min(fit, cap)
+    return Blocks(m=tile, n=tile, d=d, num_warps=8 if tile == 64 else 4)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots: IEEE unless the user enabled TF32 for matmuls (torch's own switch)."""
+    """How fp32 dots run: TF32 when the user enabled it for matmuls (torch's own switch), else
+    3xTF32, which splits each operand into two TF32 halves for close to fp32 accuracy on tensor
+    cores. Not "ieee": Triton expands an IEEE dot into FMAs, and the dK/dV kernel then spills
+    kilobytes per thread at every tile size (seen in the compile report). fp16/bf16 dots
+    ignore this."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
@@ -70,6 +100,19 @@ def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------- launches
+# When a list, launches are appended to it as (kernel, grid, args, meta) instead of run:
+# `triton_aot` records every configuration the backend launches this way, on any machine, and
+# compiles each one for a GPU ahead of time.
+LAUNCH_RECORDER: Optional[list] = None
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    if LAUNCH_RECORDER is not None:
+        LAUNCH_RECORDER.append((kernel, grid, args, meta))
+        return
+    kernel[grid](*args, **meta)
+
+
 def _forward(q, k, v, index, lengths, bias, scale, pool: bool):
     """o ``[B, N, H, d]``, lse fp32 ``[B, H, N]`` (log2 units) and, with ``pool``, the
     subgraph means of o ``[B, P, H, d]`` from the kernel's epilogue (else None)."""
@@ -83,12 +126,12 @@ def _forward(q, k, v, index, lengths, bias, scale, pool: bool):
     if pool:       # per-tile shares of each mean; tiles past a subgraph's end leave their zeros
         shape = (B, P, q_tiles, H, d)
         shares = _new(shape, torch.float32, q.device) if q_tiles == 1 else torch.zeros(shape, device=q.device)
-    kern.attention_fwd[(P * q_tiles, B * H)](
+    _launch(kern.attention_fwd, (P * q_tiles, B * H),
         q, k, v, o, lse, shares if pool else lse, bias if bias is not None else q, index, lengths, q_tiles,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
-        *_bias_strides(bias), H, N, index.shape[1], scale * LOG2E,
+        *_bias_strides(bias), H, N, index.shape[1], int(pool), scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, HAS_BIAS=bias is not None,
-        PRECISION=_precision(q.dtype), POOL=pool, num_warps=blk.num_warps, num_stages=blk.num_stages,
+        PRECISION=_precision(q.dtype), **blk.options(),
     )
     if not pool:
         return o, lse, None
@@ -110,35 +153,35 @@ def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_db
     """dq, dk, dv (contiguous) and dbias (or an empty tensor)."""
     B, N, H, d = q.shape
     P, M = index.shape
-    blk = blocks_for(M, d, q.dtype)
+    blk = blocks_for(M, d, q.dtype, backward=True)
     q_tiles, k_tiles = triton.cdiv(M, blk.m), triton.cdiv(M, blk.n)
     delta = _new((B, H, N), torch.float32, q.device)
     rows = 64
-    kern.attention_bwd_delta[(triton.cdiv(N, rows), B * H)](
+    _launch(kern.attention_bwd_delta, (triton.cdiv(N, rows), B * H),
         o, do, delta, *_bhn_strides(o), *_bhn_strides(do), H, N,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_R=rows,
     )
     dq, dk, dv = (_new((B, N, H, d), q.dtype, q.device) for _ in range(3))
     bias_arg = bias if bias is not None else q
     common = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
-    meta = dict(HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, PRECISION=_precision(q.dtype),
-                num_warps=blk.num_warps, num_stages=blk.num_stages)
-    kern.attention_bwd_dq[(P * q_tiles, B * H)](
+    meta = dict(HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, PRECISION=_precision(q.dtype))
+    _launch(kern.attention_bwd_dq, (P * q_tiles, B * H),
         q, k, v, do, lse, delta, dq, bias_arg, index, lengths, q_tiles, *common, *_bhn_strides(dq),
-        *_bias_strides(bias), H, N, M, scale * LOG2E, scale, HAS_BIAS=bias is not None, **meta,
+        *_bias_strides(bias), H, N, M, scale * LOG2E, scale, HAS_BIAS=bias is not None, **meta, **blk.options(),
     )
-    kern.attention_bwd_dkdv[(P * k_tiles, B * H)](
+    _launch(kern.attention_bwd_dkdv, (P * k_tiles, B * H),
         q, k, v, do, lse, delta, dk, dv, bias_arg, index, lengths, k_tiles, *common, *_bhn_strides(dk),
-        *_bias_strides(bias), H, N, M, scale * LOG2E, scale, HAS_BIAS=bias is not None, **meta,
+        *_bias_strides(bias), H, N, M, scale * LOG2E, scale, HAS_BIAS=bias is not None, **meta, **blk.options(),
     )
     if not need_dbias:
         return dq, dk, dv, q.new_empty(0)
     # Padding entries never reach the scores: their gradient is 0, and no tile covers them.
     dbias = torch.zeros_like(bias)
     shared = bias.dim() == 3
-    kern.attention_bwd_dbias[(P * q_tiles * k_tiles, 1 if shared else H)](
+    _launch(kern.attention_bwd_dbias, (P * q_tiles * k_tiles, 1 if shared else H),
         q, k, v, do, lse, delta, dbias, bias, index, lengths, q_tiles, k_tiles, *common,
-        *_bias_strides(bias), B, H, N, M, scale * LOG2E, SHARED_BIAS=shared, **meta,
+        *_bias_strides(bias), B, H, N, M, H if shared else 1, scale * LOG2E, **meta,
+        **blk.options(num_stages=1),   # its loop reloads q, k, v, dO per (batch, head): 2 stages spill in fp32
     )
     return dq, dk, dv, dbias
 
@@ -149,7 +192,7 @@ def segment_mean_forward(x, index, lengths):
     P, M = index.shape
     z = _new((B, P, C), x.dtype, x.device)
     block_c = min(128, max(16, triton.next_power_of_2(C)))
-    kern.segment_mean_fwd[(P, B, triton.cdiv(C, block_c))](
+    _launch(kern.segment_mean_fwd, (P, B, triton.cdiv(C, block_c)),
         x, z, index, lengths, x.stride(0), x.stride(1), z.stride(0), z.stride(1), C, M,
         BLOCK_R=32, BLOCK_C=block_c,
     )
@@ -162,7 +205,7 @@ def segment_mean_backward(dz, assignment, lengths):
     N = assignment.shape[0]
     dx = _new((B, N, C), dz.dtype, dz.device)
     rows, block_c = 32, min(128, max(16, triton.next_power_of_2(C)))
-    kern.segment_mean_bwd[(triton.cdiv(N, rows), B, triton.cdiv(C, block_c))](
+    _launch(kern.segment_mean_bwd, (triton.cdiv(N, rows), B, triton.cdiv(C, block_c)),
         dz, dx, assignment, lengths, dz.stride(0), dz.stride(1), dx.stride(0), dx.stride(1), N, C,
         BLOCK_R=rows, BLOCK_C=block_c,
     )

@@ -12,7 +12,10 @@ Conventions shared by every attention kernel:
 * scores live in log2 units (``scale * log2(e)`` folded into one multiplier) so the softmax
   uses ``exp2``; the saved log-sum-exp ``lse`` is in the same units, fp32 ``[B, H, N]``;
 * the bias is indexed by slot: ``bias[h, p, i, j]`` at ``h * s_bh + p * s_bp + i * s_bi + j``
-  (``s_bh = 0`` when one bias is shared by all heads).
+  (``s_bh = 0`` when one bias is shared by all heads);
+* sizes and the bias row stride ``s_bi`` (= M) are ``do_not_specialize``: one binary serves
+  every N, M, B and H, so the ahead-of-time compile check (`triton_aot`) sees exactly the code
+  every shape runs, and a new M never triggers a recompile.
 
 Dense attention among P tokens is the same computation over one subgraph holding them all.
 """
@@ -20,7 +23,9 @@ Dense attention among P tokens is the same computation over one subgraph holding
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+# A global a kernel reads must be a constexpr *instance*: Triton >= 3.3 refuses an annotated
+# global (``X: tl.constexpr = ...``) when compiling for a GPU, though the interpreter takes it.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -46,12 +51,20 @@ def _store_rows(Base, rows, stride_n, row_mask, offs_d, value, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def _bias_tile_offsets(bias_off, slots_m, slots_n, s_bi):
+    """``[len(slots_m), len(slots_n)]`` int64 element offsets of a bias tile:
+    ``bias_off + i * s_bi + j``. In int64 because ``i * s_bi`` passes 2^31 once a subgraph has
+    more than 46,340 slots (the inter attention over P > 46,340 pooled tokens, with a bias)."""
+    return bias_off + slots_m.to(tl.int64)[:, None] * s_bi + slots_n[None, :]
+
+
+@triton.jit
 def _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` scores in log2 units: ``(scale * q.k + bias) * log2(e)``."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
-        b_ptrs = Bias + bias_off + slots_m[:, None] * s_bi + slots_n[None, :]
+        b_ptrs = Bias + _bias_tile_offsets(bias_off, slots_m, slots_n, s_bi)
         s += tl.load(b_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * LOG2E
     return s
 
@@ -78,16 +91,15 @@ def _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, m
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.jit
+@triton.jit(do_not_specialize=['s_bi', 'TILES_PER_PART', 'H', 'N', 'M', 'pool'])
 def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
                   s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
-                  s_bh, s_bp, s_bi, H, N, M, qk_scale,
+                  s_bh, s_bp, s_bi, H, N, M, pool, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                  POOL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile of one subgraph for one (batch, head): online softmax over its keys.
 
-    With POOL, the epilogue also writes the tile's share of its subgraph's mean output,
+    With ``pool`` (a runtime flag: one compiled kernel serves both uses), the epilogue also writes the tile's share of its subgraph's mean output,
     ``sum_{i in tile} o_i / n_p``, fp32, to ``Pooled[b, program_id(0), h, :]`` (a contiguous
     ``[B, P x TILES_PER_PART, H, HEAD_DIM]`` buffer): summing over a subgraph's tiles gives
     its pooled token without reading o back. Tiles past a subgraph's end write nothing; the
@@ -120,7 +132,7 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
     acc = acc / l_i[:, None]
     _store_rows(O + b * s_ob + h * s_oh, rows_m, s_on, mask_m, offs_d, acc, HEAD_DIM)
     tl.store(LSE + (b * H + h) * N + rows_m, m_i + tl.math.log2(l_i), mask=mask_m)
-    if POOL:
+    if pool:
         # Padding query rows of acc hold a weighted average of real v rows, not zeros: mask them.
         share = tl.sum(tl.where(mask_m[:, None], acc, 0.0), 0) / length.to(tl.float32)
         slot = (b * tl.num_programs(0) + tl.program_id(0)) * H + h
@@ -128,7 +140,7 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
 
 
 # ----------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=['H', 'N'])
 def attention_bwd_delta(O, DO, Delta, s_ob, s_on, s_oh, s_db, s_dn, s_dh, H, N,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """``delta[b, h, n] = sum_d dO * O``, fp32."""
@@ -143,7 +155,7 @@ def attention_bwd_delta(O, DO, Delta, s_ob, s_on, s_oh, s_db, s_dn, s_dh, H, N,
     tl.store(Delta + (b * H + h) * N + rows, tl.sum(o * do, 1), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['s_bi', 'TILES_PER_PART', 'H', 'N', 'M'])
 def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PER_PART,
                      s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
                      s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, H, N, M, qk_scale, scale,
@@ -172,7 +184,7 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
     _store_rows(DQ + b * s_gb + h * s_gh, rows_m, s_gn, mask_m, offs_d, dq * scale, HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['s_bi', 'TILES_PER_PART', 'H', 'N', 'M'])
 def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TILES_PER_PART,
                        s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
                        s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, H, N, M, qk_scale, scale,
@@ -208,18 +220,19 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
     _store_rows(DV + b * s_gb + h * s_gh, rows_n, s_gn, mask_n, offs_d, dv, HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['s_bi', 'Q_TILES', 'K_TILES', 'B', 'H', 'N', 'M', 'HEADS_SUMMED'])
 def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_TILES, K_TILES,
                         s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-                        s_bh, s_bp, s_bi, B, H, N, M, qk_scale,
+                        s_bh, s_bp, s_bi, B, H, N, M, HEADS_SUMMED, qk_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, SHARED_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dBias for one (query tile, key tile) pair of a subgraph: ``sum_{b[,h]} ds``.
 
-    The bias is broadcast over the batch (and over heads when SHARED_BIAS), so its gradient
-    sums ds over them. One program owns each bias tile and loops over the batch (and heads) in
-    a fixed order: deterministic, no atomics, and no B x H-sized buffer. Grid:
-    (P x Q_TILES x K_TILES, heads of the bias). DBias has Bias's layout.
+    The bias is broadcast over the batch, and over heads when one bias is shared by all heads
+    (``HEADS_SUMMED = H``; a per-head bias has ``HEADS_SUMMED = 1``), so its gradient sums ds
+    over them. One program owns each bias tile and loops over the batch (and heads) in a fixed
+    order: deterministic, no atomics, and no B x H-sized buffer. Grid: (P x Q_TILES x K_TILES,
+    heads of the bias). DBias has Bias's layout.
     """
     part = tl.program_id(0) // (Q_TILES * K_TILES)
     pair = tl.program_id(0) % (Q_TILES * K_TILES)
@@ -233,16 +246,10 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
     slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, BLOCK_M)
     slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
     bias_off = hb.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
-    n_heads = 1
-    if SHARED_BIAS:
-        n_heads = H
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for i in range(0, B * n_heads):
-        b = (i // n_heads).to(tl.int64)
-        if SHARED_BIAS:
-            h = i % n_heads
-        else:
-            h = hb
+    for i in range(0, B * HEADS_SUMMED):
+        b = (i // HEADS_SUMMED).to(tl.int64)
+        h = hb + i % HEADS_SUMMED          # shared: hb = 0, h runs over heads; per head: h = hb
         q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
         do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
         k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
@@ -252,12 +259,12 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
         _, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
                                 qk_scale, True, PRECISION)
         dbias += ds
-    ptrs = DBias + bias_off + slots_m[:, None] * s_bi + slots_n[None, :]
+    ptrs = DBias + _bias_tile_offsets(bias_off, slots_m, slots_n, s_bi)
     tl.store(ptrs, dbias.to(DBias.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------- segment mean
-@triton.jit
+@triton.jit(do_not_specialize=['C', 'M'])
 def segment_mean_fwd(X, Z, Index, Lengths, s_xb, s_xn, s_zb, s_zp, C, M,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``z[b, p, c] = mean_{i in S_p} x[b, i, c]``. Grid: (P, B, channel blocks)."""
@@ -276,7 +283,7 @@ def segment_mean_fwd(X, Z, Index, Lengths, s_xb, s_xn, s_zb, s_zp, C, M,
     tl.store(Z + b * s_zb + part.to(tl.int64) * s_zp + offs_c, z.to(Z.dtype.element_ty), mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'C'])
 def segment_mean_bwd(DZ, DX, Assignment, Lengths, s_zb, s_zp, s_xb, s_xn, N, C,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``dx[b, i, c] = dz[b, part(i), c] / n_part(i)``. Grid: (node blocks, B, channel blocks)."""

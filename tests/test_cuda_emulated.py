@@ -63,7 +63,7 @@ def emulated():
     (WORK / "build").mkdir(parents=True, exist_ok=True)
     module = cpp_extension.load(
         name="sba_cuda_emulated", sources=[str(s) for s in sources], build_directory=str(WORK / "build"),
-        extra_include_paths=[str(EMULATOR)], extra_cflags=["-O2", "-std=c++17", "-DSBA_CPU_EMULATION"],
+        extra_include_paths=[str(EMULATOR)], extra_cflags=["-O2", "-DSBA_CPU_EMULATION"],
         verbose=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cuda_backend, "_ext", lambda: module)

@@ -22,6 +22,7 @@ if torch.cuda.is_available():
 else:
     MODES = [("cpu", torch.float32, False, 1e-5), ("cpu", torch.float16, False, 1e-2)]
 MODE_IDS = [f"{dev}-{'tf32' if tf32 else str(dt).split('.')[1]}" for dev, dt, tf32, _ in MODES]
+pytestmark = pytest.mark.gpu     # on a GPU, gpu_check.sh runs these on the device
 
 
 @pytest.fixture(autouse=True)

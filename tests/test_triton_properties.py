@@ -1,6 +1,7 @@
 """Property-based check of the triton backend over shapes and partitions (hypothesis), and
 torch.compile tracing through the registered ops."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,7 @@ from sba_model import SBAttention
 from helpers import dense_masked_attention, loop_segment_mean, random_partition, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu     # on a GPU, gpu_check.sh runs these on the device
 
 
 # No shrinking phase: a failure reports its example at once instead of spending minutes.
