@@ -13,7 +13,8 @@ The format is one ``.npz`` file with
   distances, then the same kernel).
 
 Write one with `save_npz` (or ``numpy.savez``) and train with
-``python -m sba_model.train --data your_file.npz``.
+``python -m sba_model.train --data your_file.npz``. The bundled datasets ship in this format
+(`sba_model.datasets`, written from the original files by ``python -m sba_model.datasets.convert``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from .adjacency import gaussian_kernel_adjacency, haversine_distances, to_csr
+from .datasets import even_timestamps, read_original, shipped_file
 
 __all__ = ["SeriesData", "load", "load_npz", "save_npz", "synthetic", "Scaler", "Windows", "split_windows",
            "BUILTIN"]
@@ -146,42 +148,6 @@ def save_npz(data: SeriesData, path) -> None:
 
 
 # ----------------------------------------------------------------------------- bundled datasets
-def data_root() -> Path:
-    """``$SBA_DATA_ROOT``, else the ``shared/data`` folder beside this checkout."""
-    env = os.environ.get("SBA_DATA_ROOT")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _even_times(start: str, steps: int, minutes: int) -> np.ndarray:
-    return np.datetime64(start, "s") + np.arange(steps) * np.timedelta64(minutes * 60, "s")
-
-
-def _los_loop(root: Path) -> dict:
-    speed = np.loadtxt(root / "los_loop" / "los_speed.csv", delimiter=",", skiprows=1)
-    adj = np.loadtxt(root / "los_loop" / "los_adj.csv", delimiter=",")
-    # T-GCN's Los-loop: March 1-7, 2012, 5-minute steps.
-    return dict(values=speed, adjacency=adj, timestamps=_even_times("2012-03-01T00:00", len(speed), 5))
-
-
-def _sz_taxi(root: Path) -> dict:
-    with np.load(root / "sz_taxi" / "SZ_taxi.npz") as f:
-        values = f["data"]
-    adj = np.loadtxt(root / "sz_taxi" / "sz_adj.csv", delimiter=",")
-    # Zeros are genuine in SZ-taxi (no traffic), so everything counts as observed.
-    return dict(values=values, adjacency=adj, timestamps=_even_times("2015-01-01T00:00", len(values), 15))
-
-
-def _charged_mel(root: Path) -> dict:
-    folder = root / "charged_mel"
-    with open(folder / "volume.csv") as f:
-        header = f.readline().strip().split(",")[1:]
-    order = np.argsort([int(h) for h in header])          # the file lists sites as 0, 1, 10, 11, ...
-    stamps = np.loadtxt(folder / "volume.csv", delimiter=",", skiprows=1, usecols=0, dtype=str)
-    volume = np.loadtxt(folder / "volume.csv", delimiter=",", skiprows=1, usecols=range(1, len(header) + 1))
-    dist = np.loadtxt(folder / "distance.csv", delimiter=",", skiprows=1)[:, 1:]
-    return dict(values=volume[:, order], distances=dist, timestamps=stamps.astype("datetime64[s]"))
-
-
 def synthetic(num_nodes: int = 120, steps: int = 2016, *, factors: int = 3, seed: int = 0) -> SeriesData:
     """A process on a random geometric graph that needs both local and global attention.
 
@@ -211,20 +177,27 @@ def synthetic(num_nodes: int = 120, steps: int = 2016, *, factors: int = 3, seed
         x = 0.6 * diffuse @ x + 0.4 * loadings @ f + 0.3 * daily + rng.normal(0, 0.1, num_nodes)
         out[t] = x
     return SeriesData("synthetic", out[:, :, None].astype(np.float32), np.ones((steps, num_nodes, 1), bool),
-                      adjacency, _even_times("2024-01-01T00:00", steps, 5))
+                      adjacency, even_timestamps("2024-01-01T00:00", steps, 5))
 
 
 def load(source: str) -> SeriesData:
     """A bundled dataset by name (``synthetic``, ``los_loop``, ``sz_taxi``, ``charged_mel``) or a
-    path to a ``.npz`` in the format."""
+    path to a ``.npz`` in the format.
+
+    The bundled datasets are read from the converted copies shipped in `sba_model.datasets`;
+    when ``$SBA_DATA_ROOT`` is set, they are converted on the fly from the original files in
+    ``$SBA_DATA_ROOT/<name>/`` instead (the same numbers: the shipped copies come from there).
+    """
     if source == "synthetic":
         return synthetic()
-    readers = {"los_loop": _los_loop, "sz_taxi": _sz_taxi, "charged_mel": _charged_mel}
-    if source in readers:
-        root = data_root()
-        if not (root / source).is_dir():
-            raise ValueError(f"data: {source} not found under {root} (set SBA_DATA_ROOT)")
-        return validate(readers[source](root), name=source)
+    if source in BUILTIN:
+        root = os.environ.get("SBA_DATA_ROOT")
+        if root:
+            if not (Path(root) / source).is_dir():
+                raise ValueError(f"SBA_DATA_ROOT: {root} has no {source} folder of original files "
+                                 "(unset it to read the copy shipped with the package)")
+            return validate(read_original(source, root), name=source)
+        return load_npz(shipped_file(source))
     if str(source).endswith(".npz"):
         return load_npz(source)
     raise ValueError(f"data must be one of {BUILTIN} or a path to a .npz file, got {source!r}")

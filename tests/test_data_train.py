@@ -9,6 +9,7 @@ import torch
 
 from sba_model import data as D
 from sba_model import train, zoo
+from sba_model.datasets import convert, read_original, shipped_file
 
 
 def _arrays(T=200, N=12, C=2, seed=0):
@@ -60,17 +61,68 @@ def test_user_file_round_trip_and_time_features(tmp_path):
     assert tod[288] == 0 and dow[288] == 1
 
 
-def test_builtin_datasets_load_with_the_right_shapes():
-    los = D.load("los_loop")
-    assert los.shape == (2016, 207, 1) and los.steps_per_day == 288
-    assert D.load("sz_taxi").shape == (2976, 156, 1)
-    mel = D.load("charged_mel")
-    assert mel.shape == (4392, 63, 1) and mel.steps_per_day == 24
+# name: (shape, steps per day, first timestamp, edges of the symmetric adjacency counted both ways)
+BUNDLED = {"los_loop": ((2016, 207, 1), 288, "2012-03-01T00:00", 2626),
+           "sz_taxi": ((2976, 156, 1), 96, "2015-01-01T00:00", 534),
+           "charged_mel": ((4392, 63, 1), 24, "2023-04-01T00:00", 2548)}
+ORIGINALS = convert.default_source()
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_datasets_load_from_the_shipped_files(name, monkeypatch):
+    monkeypatch.delenv("SBA_DATA_ROOT", raising=False)
+    shape, per_day, start, edges = BUNDLED[name]
+    data = D.load(name)
+    assert data.name == name and data.shape == shape and data.values.dtype == np.float32
+    assert data.mask.all() and np.isfinite(data.values).all()
+    assert data.steps_per_day == per_day and data.timestamps[0] == np.datetime64(start)
+    adj = data.adjacency
+    assert adj.nnz == edges and (adj != adj.T).nnz == 0 and adj.diagonal().sum() == 0
+    folder = shipped_file(name).parent
+    readme = (folder / "README.md").read_text()
+    assert all(part in readme for part in ("## License", "## Cite", "commit", f"{name}.npz"))
+
+
+def test_data_root_without_the_dataset_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("SBA_DATA_ROOT", str(tmp_path))
+    with pytest.raises(ValueError, match="^SBA_DATA_ROOT: .* no los_loop folder"):
+        D.load("los_loop")
+    with pytest.raises(ValueError, match="^src: no folder"):
+        convert.main(["--src", str(tmp_path / "absent"), "--dest", str(tmp_path)])
+    with pytest.raises(ValueError, match="^root: no folder"):
+        read_original("sz_taxi", tmp_path)
+    with pytest.raises(ValueError, match="^name must be one of"):
+        shipped_file("metr_la")
+
+
+@pytest.mark.skipif(not all((ORIGINALS / name).is_dir() for name in BUNDLED),
+                    reason=f"the original dataset files are not in {ORIGINALS} (set SBA_DATA_ROOT to the folder "
+                           "holding los_loop/, sz_taxi/, charged_mel/ to check the shipped copies against them)")
+def test_converter_on_the_originals_rebuilds_the_shipped_files(tmp_path, monkeypatch):
+    written = convert.main(["--src", str(ORIGINALS), "--dest", str(tmp_path)])
+    assert written == [shipped_file(name, tmp_path) for name in BUNDLED]
+    for name in BUNDLED:
+        with np.load(shipped_file(name, tmp_path)) as fresh, np.load(shipped_file(name)) as shipped:
+            assert sorted(fresh.files) == sorted(shipped.files) == ["adjacency", "mask", "timestamps", "values"]
+            for key in fresh.files:
+                assert fresh[key].dtype == shipped[key].dtype and np.array_equal(fresh[key], shipped[key]), (name, key)
+        licenses = sorted(p.name for p in (ORIGINALS / name).glob("LICENSE*"))
+        assert sorted(p.name for p in shipped_file(name).parent.glob("LICENSE*")) == licenses
+        for license_name in licenses:
+            assert (shipped_file(name).parent / license_name).read_bytes() == (ORIGINALS / name / license_name).read_bytes()
+
+        monkeypatch.setenv("SBA_DATA_ROOT", str(ORIGINALS))          # converted on the fly from the originals
+        live = D.load(name)
+        monkeypatch.delenv("SBA_DATA_ROOT")
+        copy = D.load(name)
+        assert np.array_equal(live.values, copy.values) and np.array_equal(live.mask, copy.mask)
+        assert np.array_equal(live.timestamps, copy.timestamps) and (live.adjacency != copy.adjacency).nnz == 0
+
     # volume.csv lists sites as 0, 1, 10, 11, ...: site 10 must land in column 10.
-    root = D.data_root() / "charged_mel" / "volume.csv"
-    header = root.read_text().splitlines()[0].split(",")
-    raw = np.loadtxt(root, delimiter=",", skiprows=1, usecols=header.index("10"))
-    assert np.allclose(mel.values[:, 10, 0], raw)
+    volume = ORIGINALS / "charged_mel" / "volume.csv"
+    header = volume.read_text().splitlines()[0].split(",")
+    site10 = np.loadtxt(volume, delimiter=",", skiprows=1, usecols=header.index("10"))
+    assert np.array_equal(D.load("charged_mel").values[:, 10, 0], site10.astype(np.float32))
 
 
 def test_synthetic_has_local_structure():

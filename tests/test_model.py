@@ -1,5 +1,4 @@
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,9 +6,8 @@ import torch
 
 import sba_kernels as sk
 from sba_model import SBABlock, SBAttention, SBATransformer, knn_adjacency, partition_graph
+from sba_model.data import load
 from sba_model.layers import subgraph_blocks
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _graph(n=120, seed=0):
@@ -111,7 +109,7 @@ def test_module_to_moves_partition():
 
 
 def test_overfits_one_batch_quickly():
-    adj = np.loadtxt(DATA / "los_loop" / "los_adj.csv", delimiter=",")
+    adj = load("los_loop").adjacency
     torch.manual_seed(0)
     model = SBATransformer.from_graph(adj, [16, 4], in_steps=12, in_channels=1, out_steps=4, out_channels=1,
                                       dim=32, num_heads=4)
