@@ -71,22 +71,20 @@ __device__ void store_tile(T* base, RowStrides s, const AttentionProblem& p, con
   }
 }
 
-// scale * q_i . k_j + bias[h, part, q_slot, k_slot]
-template <typename T>
+// scale * q_i . k_j + bias[h, part, q_slot, k_slot]; the bias is fp32 whatever the inputs' dtype
 __device__ inline float score(const float* Qs, const float* Ks, int i, int j, int ld, const AttentionProblem& p,
-                              const T* bias_tile, int q_slot, int k_slot) {
+                              const float* bias_tile, int q_slot, int k_slot) {
   float s = 0.f;
   for (int c = 0; c < p.head_dim; ++c) s += Qs[i * ld + c] * Ks[j * ld + c];
   s *= p.scale;
-  if (bias_tile) s += to_f(bias_tile[static_cast<int64_t>(q_slot) * p.max_size + k_slot]);
+  if (bias_tile) s += bias_tile[static_cast<int64_t>(q_slot) * p.max_size + k_slot];
   return s;
 }
 
-template <typename T>
-__device__ inline const T* bias_for(const AttentionProblem& p, int bias_head, int part) {
+__device__ inline const float* bias_for(const AttentionProblem& p, int bias_head, int part) {
   if (!p.bias) return nullptr;
   const int64_t mm = static_cast<int64_t>(p.max_size) * p.max_size;
-  return static_cast<const T*>(p.bias) + (static_cast<int64_t>(bias_head) * p.parts + part) * mm;
+  return p.bias + (static_cast<int64_t>(bias_head) * p.parts + part) * mm;
 }
 
 // ------------------------------------------------------------------------------ forward
@@ -100,7 +98,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(AttentionProblem p, in
   const int ld = p.head_dim + 1;  // +1: rows land in different banks
   float *Qs = smem, *Ks = Qs + TILE * ld, *Vs = Ks + TILE * ld, *Os = Vs + TILE * ld;
   float *S = Os + TILE * ld, *m = S + TILE * (TILE + 1), *l = m + TILE, *alpha = l + TILE;
-  const T* bias = bias_for<T>(p, p.bias_heads == 1 ? 0 : t.h, t.part);
+  const float* bias = bias_for(p, p.bias_heads == 1 ? 0 : t.h, t.part);
 
   load_tile(q, sq, p, t, t.start, ld, Qs);
   for (int e = threadIdx.x; e < TILE * ld; e += blockDim.x) Os[e] = 0.f;
@@ -167,9 +165,8 @@ __global__ void delta_kernel(AttentionProblem p, const T* o, RowStrides so, cons
 }
 
 // ds_ij = p_ij (dO_i . v_j - delta_i), with p_ij = exp(s_ij - lse_i); 0 off the subgraph.
-template <typename T>
 __device__ inline float score_grad(const float* Qs, const float* dOs, const float* Ks, const float* Vs, int i, int j,
-                                   int ld, const AttentionProblem& p, const T* bias, int q_slot, int k_slot,
+                                   int ld, const AttentionProblem& p, const float* bias, int q_slot, int k_slot,
                                    int length, const float* lse, const float* delta, float* prob) {
   if (q_slot >= length || k_slot >= length) {
     if (prob) *prob = 0.f;
@@ -193,7 +190,7 @@ __global__ void __launch_bounds__(THREADS) dq_kernel(AttentionProblem p, int til
   const int ld = p.head_dim + 1;
   float *Qs = smem, *dOs = Qs + TILE * ld, *Ks = dOs + TILE * ld, *Vs = Ks + TILE * ld, *dQs = Vs + TILE * ld;
   float *DS = dQs + TILE * ld, *lse_s = DS + TILE * (TILE + 1), *delta_s = lse_s + TILE;
-  const T* bias = bias_for<T>(p, p.bias_heads == 1 ? 0 : t.h, t.part);
+  const float* bias = bias_for(p, p.bias_heads == 1 ? 0 : t.h, t.part);
   load_tile(q, sq, p, t, t.start, ld, Qs);
   load_tile(dout, sdo, p, t, t.start, ld, dOs);
   load_row_values(lse, p, t, t.start, lse_s);
@@ -232,7 +229,7 @@ __global__ void __launch_bounds__(THREADS) dkdv_kernel(AttentionProblem p, int t
   float *Ks = smem, *Vs = Ks + TILE * ld, *Qs = Vs + TILE * ld, *dOs = Qs + TILE * ld, *dKs = dOs + TILE * ld;
   float *dVs = dKs + TILE * ld, *P = dVs + TILE * ld, *DS = P + TILE * (TILE + 1), *lse_s = DS + TILE * (TILE + 1);
   float* delta_s = lse_s + TILE;
-  const T* bias = bias_for<T>(p, p.bias_heads == 1 ? 0 : t.h, t.part);
+  const float* bias = bias_for(p, p.bias_heads == 1 ? 0 : t.h, t.part);
   load_tile(k, sk, p, t, t.start, ld, Ks);
   load_tile(v, sv, p, t, t.start, ld, Vs);
   for (int e = threadIdx.x; e < TILE * ld; e += blockDim.x) dKs[e] = dVs[e] = 0.f;
@@ -282,7 +279,7 @@ __global__ void __launch_bounds__(THREADS) dbias_kernel(AttentionProblem p, int 
   const int ld = p.head_dim + 1;
   float *Qs = smem, *dOs = Qs + TILE * ld, *Ks = dOs + TILE * ld, *Vs = Ks + TILE * ld, *acc = Vs + TILE * ld;
   float *lse_s = acc + TILE * (TILE + 1), *delta_s = lse_s + TILE;
-  const T* bias = bias_for<T>(p, bias_head, part);
+  const float* bias = bias_for(p, bias_head, part);
   for (int e = threadIdx.x; e < TILE * (TILE + 1); e += blockDim.x) acc[e] = 0.f;
   const int heads_summed = p.bias_heads == 1 ? p.heads : 1;
   for (int r = 0; r < p.batch * heads_summed; ++r) {

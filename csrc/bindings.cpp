@@ -71,11 +71,11 @@ sba::AttentionProblem problem(const at::Tensor& q, const at::Tensor& index, cons
   p.bias_heads = 1;
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.is_contiguous() && b.scalar_type() == q.scalar_type() && b.dim() == 4 &&
+    TORCH_CHECK(b.is_contiguous() && b.scalar_type() == at::kFloat && b.dim() == 4 &&
                     b.size(1) == p.parts && b.size(2) == p.max_size && b.size(3) == p.max_size &&
                     (b.size(0) == 1 || b.size(0) == p.heads),
-                "sba cuda: bias must be a contiguous [1 or H, P, M, M] tensor of q's dtype");
-    p.bias = b.data_ptr();
+                "sba cuda: bias must be a contiguous float32 [1 or H, P, M, M] tensor");
+    p.bias = b.data_ptr<float>();
     p.bias_heads = b.size(0);
   }
   return p;
@@ -120,7 +120,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
                                 lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(),
                                 dv.data_ptr(), need_dbias ? dbias.data_ptr<float>() : nullptr),
         "attention backward");
-  return {dq, dk, dv, need_dbias ? dbias.to(bias->scalar_type()) : dbias};
+  return {dq, dk, dv, dbias};   // dbias fp32, like the bias the kernels read
 }
 
 at::Tensor segment_mean_forward(const at::Tensor& x, const at::Tensor& index, const at::Tensor& lengths) {

@@ -2,7 +2,7 @@
 //
 // Layout (SPEC section 2): node tensors are [B, N, H, d] with the last dim contiguous and the
 // other strides given in elements; index is int32 [P, M] (-1 in padding slots), lengths int32
-// [P]. The bias, when present, is contiguous [Hb, P, M, M] with Hb = 1 (shared by heads) or H.
+// [P]. The bias, when present, is contiguous fp32 [Hb, P, M, M] with Hb = 1 (shared by heads) or H.
 // Scores, softmax and accumulators are fp32 whatever the input type. These headers hold no
 // torch types, so nvcc compiles the kernels without torch.
 #pragma once
@@ -24,7 +24,7 @@ struct AttentionProblem {
   float scale;
   const int32_t* index;    // [P, M]
   const int32_t* lengths;  // [P]
-  const void* bias;        // [Hb, P, M, M] or nullptr
+  const float* bias;       // [Hb, P, M, M] fp32, or nullptr
   int bias_heads;          // Hb: 1 or H
   DType dtype;
   cudaStream_t stream;

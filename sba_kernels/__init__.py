@@ -7,10 +7,10 @@
     torch.Size([2, 5, 4, 16])
 """
 
-from .dispatch import available_backends
+from .backends import Backend, available_backends, register
 from .ops import inter_attention, intra_attention, intra_attention_pooled, segment_mean
 from .partition import Partition
 
 __all__ = ["Partition", "intra_attention", "intra_attention_pooled", "segment_mean", "inter_attention",
-           "available_backends"]
+           "available_backends", "Backend", "register"]
 __version__ = "0.1.0"

@@ -1,13 +1,14 @@
-"""The ``"cuda"`` backend: the CUDA C++ kernels in ``csrc/`` behind the shared ops of
-`library.KernelBackend`.
+"""The ``"cuda"`` backend: the CUDA C++ kernels in ``csrc/`` behind the shared ``sba::`` ops of
+`custom_ops` (``attention_forward`` -> ``attention_forward`` in ``csrc/bindings.cpp`` ->
+the kernels in ``csrc/attention.cu``).
 
 The extension is found, in order, as ``sba_kernels._C`` (built by the top-level
 ``CMakeLists.txt``) or built on first use from ``csrc/`` with ``torch.utils.cpp_extension``
 (needs a CUDA build of torch and a CUDA toolkit; torch caches the build). ``is_available()``
 says whether it loads; ``unavailable_reason()`` says in one line why not.
 
-Supported: fp32, fp16 and bf16 inputs, head dim up to 128, CUDA tensors. `check_supported`
-says so before any launch, with a ValueError naming the argument.
+Supported: fp32, fp16 and bf16 inputs, head dim up to 128, CUDA tensors; `CudaBackend.supports`
+says so before any launch.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .library import KernelBackend
+from .custom_ops import KernelBackend
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("bindings.cpp", "attention.cu", "segment_mean.cu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 # Where the extension's kernels run: "cpu" only for the test build that emulates CUDA on CPU
-# threads (tests/cuda_emulator), which swaps in its own module for `_ext`.
+# threads (tests/cuda_emulator), which swaps in its own module for `_load`.
 KERNEL_DEVICE = "cuda"
 
 
@@ -73,39 +74,33 @@ def _ext():
     return module
 
 
-def check_supported(x: torch.Tensor, name: str = "q") -> None:
-    """What the CUDA kernels accept beyond the ops' own checks; ValueError naming ``name``."""
-    if x.device.type != KERNEL_DEVICE:
-        raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got {x.device}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16 for the cuda backend, got {x.dtype}")
-    if x.dim() == 4 and x.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"{name} head dim must be <= {MAX_HEAD_DIM} for the cuda backend, got {x.shape[-1]}")
-
-
-def _bias_4d(bias, dtype):
-    """``[P, M, M]`` -> ``[1, P, M, M]``; contiguous, in the inputs' dtype (the kernels read one)."""
+def _bias_4d(bias):
+    """``[P, M, M]`` -> ``[1, P, M, M]``, contiguous fp32: the kernels read the bias as fp32,
+    which holds an fp16/bf16/fp32 bias exactly (SPEC 4: the bias is read in its own dtype)."""
     if bias is None:
         return None
-    return (bias.unsqueeze(0) if bias.dim() == 3 else bias).to(dtype).contiguous()
+    return (bias.unsqueeze(0) if bias.dim() == 3 else bias).float().contiguous()
 
 
-def attention_forward(q, k, v, index, lengths, bias, scale):
-    check_supported(q)
-    o, lse = _ext().attention_forward(q, k, v, index, lengths, _bias_4d(bias, q.dtype), scale)
-    return o, lse
+def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
+    """o, lse and, with ``pool``, the subgraph means of o (a segment-mean kernel over o)."""
+    o, lse = _ext().attention_forward(q, k, v, index, lengths, _bias_4d(bias), scale)
+    if not pool:
+        return o, lse, q.new_empty(0)
+    B, N, H, d = o.shape
+    return o, lse, segment_mean_forward(o.view(B, N, H * d), index, lengths).view(B, -1, H, d)
 
 
 def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias):
-    dq, dk, dv, dbias = _ext().attention_backward(do.to(q.dtype), q, k, v, o, lse, index, lengths,
-                                                  _bias_4d(bias, q.dtype), scale, need_dbias)
+    """dq, dk, dv and dbias (accumulated in fp32, returned in the bias's dtype) or empty."""
+    dq, dk, dv, dbias = _ext().attention_backward(do.to(q.dtype), q, k, v, o, lse, index, lengths, _bias_4d(bias),
+                                                  scale, need_dbias)
     if need_dbias:
         dbias = dbias.view(bias.shape).to(bias.dtype)
     return dq, dk, dv, dbias
 
 
 def segment_mean_forward(x, index, lengths):
-    check_supported(x, "x")
     return _ext().segment_mean_forward(x, index, lengths)
 
 
@@ -113,8 +108,30 @@ def segment_mean_backward(dz, assignment, lengths):
     return _ext().segment_mean_backward(dz, assignment, lengths)
 
 
-_BACKEND = KernelBackend("cuda", attention_forward, attention_backward, segment_mean_forward, segment_mean_backward)
-intra_attention = _BACKEND.intra_attention
-intra_attention_pooled = _BACKEND.intra_attention_pooled
-inter_attention = _BACKEND.inter_attention
-segment_mean = _BACKEND.segment_mean
+class CudaBackend(KernelBackend):
+    """The CUDA C++ kernels of ``csrc/``: CUDA tensors, fp16/bf16/fp32, head dim up to 128."""
+
+    name = "cuda"
+    auto_devices = ("cuda",)
+    attention_forward = staticmethod(attention_forward)
+    attention_backward = staticmethod(attention_backward)
+    segment_mean_forward = staticmethod(segment_mean_forward)
+    segment_mean_backward = staticmethod(segment_mean_backward)
+
+    def unavailable(self, device):
+        if device.type != KERNEL_DEVICE:
+            return f"the cuda backend needs CUDA tensors, got {device}"
+        module, reason = _load()
+        return None if module is not None else reason
+
+    def supports(self, x, bias=None):
+        if x.dtype not in DTYPES:
+            return f"the cuda backend takes float32, float16 or bfloat16, got {x.dtype}"
+        if bias is not None and bias.dtype not in DTYPES:
+            return f"the cuda backend takes a float32, float16 or bfloat16 bias, got {bias.dtype}"
+        if x.dim() == 4 and x.shape[-1] > MAX_HEAD_DIM:
+            return f"the cuda backend takes head dims up to {MAX_HEAD_DIM}, got {x.shape[-1]}"
+        return self.unavailable(x.device)
+
+
+BACKEND = CudaBackend()

@@ -1,7 +1,17 @@
-"""The three SBA ops: one checked, documented entry point each, over every backend.
+"""The SBA ops: one checked, documented entry point each, over every backend.
+
+Each op checks its arguments, asks `backends.choose` which backend runs them (``"auto"``: the
+first in the registry's order that supports the input; see `sba_kernels.backends`), and calls
+that backend's method of the same name: `reference.TorchBackend`, `triton_backend.TritonBackend`
+or `cuda_backend.CudaBackend`, the last two through the ``sba::`` custom ops of `custom_ops`.
 
 Shapes follow the flash-attn convention: node tensors are ``[B, N, H, d]`` (batch, node, head,
 head dim) so a Linear projection reshapes into them without a transpose.
+
+Precision contract (every backend): q, k, v and the outputs in the input dtype; scores, softmax
+and accumulation in fp32 (float64 inputs, which only the torch reference takes, stay float64);
+the bias is read in its own dtype (an fp16/bf16 bias is exact in fp32) and joins the fp32
+scores; its gradient is accumulated in fp32 and returned in the bias's dtype.
 """
 
 from __future__ import annotations
@@ -10,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import _checks, dispatch
+from . import _checks
+from .backends import choose
 from .partition import Partition
 
 __all__ = ["intra_attention", "intra_attention_pooled", "segment_mean", "inter_attention"]
@@ -48,13 +59,14 @@ def intra_attention(
             indexed by slot within the subgraph (``partition.index`` order); entries in padding
             slots are ignored. Broadcast over the batch; differentiable.
         scale: score scale; default ``1/sqrt(d)``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` or a registered backend (``"torch"``, ``"triton"``, ``"cuda"``, ...);
+            a named backend that cannot run the input raises a ValueError saying why.
 
     Returns:
         ``[B, N, H, d]`` in node order, dtype of q.
     """
     scale = _check_intra(q, k, v, partition, bias, scale)
-    return dispatch.run("intra_attention", backend, q.device, q, k, v, partition, bias, scale)
+    return choose(backend, q, bias).intra_attention(q, k, v, partition, bias, scale)
 
 
 def intra_attention_pooled(
@@ -81,7 +93,7 @@ def intra_attention_pooled(
         differentiable.
     """
     scale = _check_intra(q, k, v, partition, bias, scale)
-    return dispatch.run("intra_attention_pooled", backend, q.device, q, k, v, partition, bias, scale)
+    return choose(backend, q, bias).intra_attention_pooled(q, k, v, partition, bias, scale)
 
 
 def segment_mean(x: torch.Tensor, partition: Partition, *, backend: str = "auto") -> torch.Tensor:
@@ -96,7 +108,7 @@ def segment_mean(x: torch.Tensor, partition: Partition, *, backend: str = "auto"
     """
     _checks.check_float_tensor(x, "x", 3)
     _checks.check_partition(partition, x.shape[1], x.device)
-    return dispatch.run("segment_mean", backend, x.device, x, partition)
+    return choose(backend, x).segment_mean(x, partition)
 
 
 def inter_attention(
@@ -115,7 +127,8 @@ def inter_attention(
         bias: optional additive score bias ``[P, P]`` or ``[H, P, P]`` (e.g. from the coarse
             graph between subgraphs), broadcast over the batch; differentiable.
         scale: score scale; default ``1/sqrt(d)``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` or a registered backend (``"torch"``, ``"triton"``, ``"cuda"``, ...);
+            a named backend that cannot run the input raises a ValueError saying why.
 
     Returns:
         ``[B, P, H, d]``, dtype of q.
@@ -124,4 +137,4 @@ def inter_attention(
     P, H = q.shape[1], q.shape[2]
     _checks.check_bias(bias, q, {"[P, P]": (P, P), "[H, P, P]": (H, P, P)})
     scale = _checks.resolve_scale(scale, q.shape[3])
-    return dispatch.run("inter_attention", backend, q.device, q, k, v, bias, scale)
+    return choose(backend, q, bias).inter_attention(q, k, v, bias, scale)

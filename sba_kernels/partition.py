@@ -12,6 +12,7 @@ handed a `Partition` can trust it without re-checking.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -51,9 +52,10 @@ class Partition:
         if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
             raise TypeError(f"num_nodes must be a positive int, got {num_nodes!r}")
         _check_layout(index, lengths, num_nodes)
-        self.index = index.to(torch.int32).contiguous()
-        self.lengths = lengths.to(torch.int32).contiguous()
-        self.num_nodes = num_nodes
+        # Copies: the caller's tensors may change later; this partition, checked once, may not.
+        self._index = index.to(torch.int32, copy=True).contiguous()
+        self._lengths = lengths.to(torch.int32, copy=True).contiguous()
+        self._num_nodes = num_nodes
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ construction
@@ -102,7 +104,29 @@ class Partition:
         lengths = torch.tensor([len(p) for p in parts], dtype=torch.int32)
         return cls(index, lengths, num_nodes=num_nodes)
 
+    @classmethod
+    def whole(cls, num_nodes: int, device="cpu") -> "Partition":
+        """One subgraph holding nodes ``0..num_nodes-1``: dense attention as intra attention.
+        Built once per (size, device)."""
+        return _whole(num_nodes, torch.device(device))
+
     # ------------------------------------------------------------------ properties
+    @property
+    def index(self) -> torch.Tensor:
+        """int32 ``[P, M]``: node ids per subgraph, -1 in padding slots. Read-only: a partition
+        is checked once, when built, and trusted after."""
+        return self._index
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """int32 ``[P]``: real nodes per subgraph."""
+        return self._lengths
+
+    @property
+    def num_nodes(self) -> int:
+        """N."""
+        return self._num_nodes
+
     @property
     def num_parts(self) -> int:
         """P, the number of subgraphs."""
@@ -139,9 +163,9 @@ class Partition:
         device = torch.device(device)
         if device == self.device:
             return self
-        out = Partition.__new__(Partition)
-        out.index, out.lengths = self.index.to(device), self.lengths.to(device)
-        out.num_nodes, out._cache = self.num_nodes, {}
+        out = Partition.__new__(Partition)       # the same checked layout: no need to check again
+        out._index, out._lengths = self._index.to(device), self._lengths.to(device)
+        out._num_nodes, out._cache = self._num_nodes, {}
         if "assignment" in self._cache:   # keep it built: traced code (torch.compile) should not build it
             out._cache["assignment"] = self._cache["assignment"].to(device)
         return out
@@ -190,3 +214,11 @@ def _check_layout(index: torch.Tensor, lengths: torch.Tensor, num_nodes: int) ->
         dup = int((counts > 1).sum())
         miss = int((counts == 0).sum())
         raise ValueError(f"index must list every node exactly once: {dup} repeated, {miss} missing")
+
+
+@lru_cache(maxsize=32)
+def _whole(num_nodes: int, device: torch.device) -> Partition:
+    part = Partition(torch.arange(num_nodes, dtype=torch.int32, device=device).view(1, num_nodes),
+                     torch.tensor([num_nodes], dtype=torch.int32, device=device), num_nodes)
+    part.assignment  # built now: traced code (torch.compile) only reads it
+    return part

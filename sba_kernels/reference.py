@@ -1,4 +1,5 @@
-"""The ``"torch"`` backend: plain PyTorch, any device, any float dtype (float64 included).
+"""The ``"torch"`` backend (`TorchBackend`): plain PyTorch, any device, any float dtype (float64
+included).
 
 This is the reference every other backend is checked against, so it favours the obvious
 formulation over speed. Autograd comes from torch itself. Memory stays linear in N:
@@ -16,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .backends import Backend
 from .partition import Partition
 
 # Inter attention: queries per chunk. Bounds scores to B*H*_QUERY_CHUNK*P elements at a time.
@@ -95,3 +97,17 @@ def inter_attention(q, k, v, bias: Optional[torch.Tensor], scale: float):
             scores = scores + bias[..., start:stop, :]
         outs.append(torch.matmul(torch.softmax(scores, dim=-1), vt))          # [B, H, c, d]
     return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+class TorchBackend(Backend):
+    """The reference: plain PyTorch, any device and float dtype; autograd from torch itself."""
+
+    name = "torch"
+    auto_devices = ("cpu", "cuda")
+    intra_attention = staticmethod(intra_attention)
+    intra_attention_pooled = staticmethod(intra_attention_pooled)
+    segment_mean = staticmethod(segment_mean)
+    inter_attention = staticmethod(inter_attention)
+
+
+BACKEND = TorchBackend()

@@ -138,8 +138,8 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
     bias = None
     if bias_kind is not None:
         bias = torch.zeros(((H,) if bias_kind == "per_head" else ()) + (1, m, m), dtype=dtype)
-    o, lse = tb.attention_forward(q, k, v, index, lengths, bias, 0.125)
-    tb.attention_forward_pooled(q, k, v, index, lengths, bias, 0.125)
+    o, lse, _ = tb.attention_forward(q, k, v, index, lengths, bias, 0.125, False)
+    tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
     tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=bias is not None)
 
 

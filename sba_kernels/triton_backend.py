@@ -1,8 +1,10 @@
 """The ``"triton"`` backend: block sizes and the launches of the kernels in `triton_kernels`.
 
-The ``torch.library`` ops, autograd and entry points (``intra_attention``,
-``inter_attention``, ``segment_mean``) come from `library.KernelBackend`, shared with the
-CUDA C++ backend. Block sizes follow from shapes and dtype alone (`blocks_for`); the backward
+`TritonBackend` says what it supports; its ops run the launch functions here through the
+``sba::`` custom ops of `custom_ops` (shared with the CUDA C++ backend):
+``attention_forward`` -> ``triton_kernels.attention_fwd``, ``attention_backward`` -> the
+delta, dQ, dK/dV and dBias kernels, ``segment_mean_forward``/``_backward`` -> the
+segment-mean kernels. Block sizes follow from shapes and dtype alone (`blocks_for`); the backward
 tiles independently of the forward (lse is saved per row, not per tile).
 """
 
@@ -16,9 +18,12 @@ import torch
 import triton
 
 from . import triton_kernels as kern
-from .library import KernelBackend
+from .custom_ops import KernelBackend
 
 LOG2E = 1.4426950408889634
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")     # read once, as Triton does
 
 # Tests set this to True: outputs start as NaN, so an element no program writes shows up.
 POISON = os.environ.get("SBA_POISON", "0") == "1"
@@ -62,7 +67,9 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
     * the backward keeps dK and dV accumulators and recomputes the probabilities: 32-row tiles
       (16 for fp32 at head dim 128);
     * the forward takes 64-row tiles at head dim <= 64 with 8 warps (4 warps spill on sm_80),
-      32 at head dim 128.
+      32 at head dim 128;
+    * fp32 runs 8 warps and one pipeline stage everywhere (but the dQ kernel, see
+      `attention_backward`).
     """
     d = max(16, triton.next_power_of_2(head_dim))
     fit = max(16, triton.next_power_of_2(max_len))
@@ -73,6 +80,8 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
     else:
         cap = 64 if d <= 64 else 32
     tile = min(fit, cap)
+    if dtype == torch.float32:      # fp32 tiles hold twice the bytes: 8 warps, no software pipelining
+        return Blocks(m=tile, n=tile, d=d, num_warps=8, num_stages=1)
     return Blocks(m=tile, n=tile, d=d, num_warps=8 if tile == 64 else 4)
 
 
@@ -113,9 +122,9 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
-def _forward(q, k, v, index, lengths, bias, scale, pool: bool):
+def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
     """o ``[B, N, H, d]``, lse fp32 ``[B, H, N]`` (log2 units) and, with ``pool``, the
-    subgraph means of o ``[B, P, H, d]`` from the kernel's epilogue (else None)."""
+    subgraph means of o ``[B, P, H, d]`` from the kernel's epilogue (else an empty tensor)."""
     B, N, H, d = q.shape
     P, M = index.shape
     blk = blocks_for(M, d, q.dtype)
@@ -133,20 +142,7 @@ def _forward(q, k, v, index, lengths, bias, scale, pool: bool):
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, HAS_BIAS=bias is not None,
         PRECISION=_precision(q.dtype), **blk.options(),
     )
-    if not pool:
-        return o, lse, None
-    return o, lse, shares.sum(2).to(q.dtype)
-
-
-def attention_forward(q, k, v, index, lengths, bias, scale):
-    """o ``[B, N, H, d]`` and lse fp32 ``[B, H, N]`` (log2 units)."""
-    o, lse, _ = _forward(q, k, v, index, lengths, bias, scale, pool=False)
-    return o, lse
-
-
-def attention_forward_pooled(q, k, v, index, lengths, bias, scale):
-    """`attention_forward` plus the subgraph means of o, ``[B, P, H, d]``, fused."""
-    return _forward(q, k, v, index, lengths, bias, scale, pool=True)
+    return o, lse, shares.sum(2).to(q.dtype) if pool else q.new_empty(0)
 
 
 def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool):
@@ -165,9 +161,11 @@ def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_db
     bias_arg = bias if bias is not None else q
     common = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
     meta = dict(HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, PRECISION=_precision(q.dtype))
+    # fp32 dQ at head dim 128 spills on sm_80 with 8 warps and one stage, not with 4 (compile report)
+    dq_options = blk.options(num_warps=4) if q.dtype == torch.float32 else blk.options()
     _launch(kern.attention_bwd_dq, (P * q_tiles, B * H),
         q, k, v, do, lse, delta, dq, bias_arg, index, lengths, q_tiles, *common, *_bhn_strides(dq),
-        *_bias_strides(bias), H, N, M, scale * LOG2E, scale, HAS_BIAS=bias is not None, **meta, **blk.options(),
+        *_bias_strides(bias), H, N, M, scale * LOG2E, scale, HAS_BIAS=bias is not None, **meta, **dq_options,
     )
     _launch(kern.attention_bwd_dkdv, (P * k_tiles, B * H),
         q, k, v, do, lse, delta, dk, dv, bias_arg, index, lengths, k_tiles, *common, *_bhn_strides(dk),
@@ -212,10 +210,33 @@ def segment_mean_backward(dz, assignment, lengths):
     return dx
 
 
-# ----------------------------------------------------------------------------- entry points
-_BACKEND = KernelBackend("triton", attention_forward, attention_backward, segment_mean_forward, segment_mean_backward,
-                         attention_forward_pooled=attention_forward_pooled)
-intra_attention = _BACKEND.intra_attention
-intra_attention_pooled = _BACKEND.intra_attention_pooled
-inter_attention = _BACKEND.inter_attention
-segment_mean = _BACKEND.segment_mean
+# ----------------------------------------------------------------------------- the backend
+class TritonBackend(KernelBackend):
+    """The Triton kernels: CUDA tensors, or CPU tensors in Triton's interpreter
+    (``TRITON_INTERPRET=1``); fp16, bf16, fp32; head dim up to 128."""
+
+    name = "triton"
+    auto_devices = ("cuda",)
+    attention_forward = staticmethod(attention_forward)
+    attention_backward = staticmethod(attention_backward)
+    segment_mean_forward = staticmethod(segment_mean_forward)
+    segment_mean_backward = staticmethod(segment_mean_backward)
+
+    def unavailable(self, device):
+        if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+            return None
+        return f"triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+
+    def supports(self, x, bias=None):
+        if x.dtype not in DTYPES:
+            return f"triton takes {', '.join(str(t) for t in DTYPES)}, got {x.dtype}"
+        if bias is not None and bias.dtype not in DTYPES:
+            return f"triton reads a {', '.join(str(t) for t in DTYPES)} bias, got {bias.dtype}"
+        if x.dim() == 4 and x.shape[-1] > MAX_HEAD_DIM:
+            return f"triton takes head dims up to {MAX_HEAD_DIM}, got {x.shape[-1]}"
+        if x.device.type == "cpu" and torch.bfloat16 in (x.dtype, getattr(bias, "dtype", None)):
+            return "Triton's interpreter multiplies bf16 tl.dot operands as raw bits (triton 3.9): bf16 needs a GPU"
+        return self.unavailable(x.device)
+
+
+BACKEND = TritonBackend()

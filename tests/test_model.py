@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -39,14 +37,12 @@ def test_sbattention_is_permutation_equivariant():
     torch.manual_seed(1)
     layer = SBAttention(16, 2, part).double()
     perm = torch.randperm(90)
-    inv = torch.argsort(perm)
     relabelled = sk.Partition.from_assignment(part.assignment[perm])
     layer_p = SBAttention(16, 2, relabelled).double()
     layer_p.load_state_dict(layer.state_dict())
     x = torch.randn(2, 90, 16, dtype=torch.float64)
     # Parts keep their order in from_assignment, so inter attention sees the same tokens.
     assert torch.allclose(layer_p(x[:, perm]), layer(x)[:, perm], atol=1e-10)
-    assert torch.equal(inv[perm], torch.arange(90))
 
 
 def test_graph_bias_blocks_and_gradient():
@@ -64,12 +60,22 @@ def test_graph_bias_blocks_and_gradient():
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_block_runs_with_and_without_inter():
+def test_block_without_inter_keeps_subgraphs_apart():
+    """Without inter attention a subgraph's output ignores every other subgraph; with it, a
+    change in one subgraph reaches all the others through the pooled tokens."""
     part = partition_graph(_graph(), 10)
-    x = torch.randn(2, 120, 32)
+    x = torch.randn(2, 120, 32, dtype=torch.float64)
+    moved = x.clone()
+    first = torch.tensor(part.parts()[0])
+    moved[:, first] += torch.randn(2, len(first), 32, dtype=torch.float64)
+    rest = part.assignment != 0
     for inter in (True, False):
-        block = SBABlock(32, 4, part, inter=inter)
-        assert block(x).shape == x.shape
+        torch.manual_seed(0)
+        block = SBABlock(32, 4, part, inter=inter).double()
+        y, y_moved = block(x), block(moved)
+        assert y.shape == x.shape
+        changed = (y - y_moved)[:, rest].abs().amax().item()
+        assert (changed > 1e-6) if inter else (changed == 0.0), (inter, changed)
     with pytest.raises(ValueError, match="multiple of num_heads"):
         SBABlock(30, 4, part)
 
@@ -108,7 +114,7 @@ def test_module_to_moves_partition():
     assert layer.partition.device.type == "meta" and layer.intra.partition.device.type == "meta"
 
 
-def test_overfits_one_batch_quickly():
+def test_overfits_one_batch():
     adj = load("los_loop").adjacency
     torch.manual_seed(0)
     model = SBATransformer.from_graph(adj, [16, 4], in_steps=12, in_channels=1, out_steps=4, out_channels=1,
@@ -118,7 +124,6 @@ def test_overfits_one_batch_quickly():
     steps = 400
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps)
-    start = time.perf_counter()
     with torch.no_grad():
         first = (model.eval()(x) - y).abs().mean().item()
     model.train()
@@ -130,5 +135,4 @@ def test_overfits_one_batch_quickly():
         sched.step()
     with torch.no_grad():
         last = (model.eval()(x) - y).abs().mean().item()
-    assert time.perf_counter() - start < 60
     assert last < 0.01 * first, (first, last)

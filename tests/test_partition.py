@@ -68,3 +68,16 @@ def test_to_keeps_layout():
     assert q is p
     meta = p.to("meta")
     assert meta.device.type == "meta" and meta.num_nodes == 3
+
+
+def test_partition_is_immutable_once_checked():
+    index = torch.tensor([[0, 1], [2, -1]], dtype=torch.int32)
+    lengths = torch.tensor([2, 1], dtype=torch.int32)
+    part = Partition(index, lengths)
+    index[0, 0] = 2                  # the caller's tensors change later: the partition does not
+    lengths[1] = 2
+    assert part.index.tolist() == [[0, 1], [2, -1]] and part.lengths.tolist() == [2, 1]
+    with pytest.raises(AttributeError):
+        part.index = index
+    with pytest.raises(AttributeError):
+        part.num_nodes = 5

@@ -1,0 +1,146 @@
+"""The ``sba::`` torch.library custom ops, their autograd, and `KernelBackend`, the backend that
+runs a kernel module (Triton, CUDA C++) through them.
+
+A kernel module supplies four launch functions, which `KernelBackend` subclasses expose:
+
+* ``attention_forward(q, k, v, index, lengths, bias, scale, pool) -> (o, lse, z)``: q, k, v, o
+  ``[B, N, H, d]``; lse fp32 ``[B, H, N]`` in whatever log base its backward uses; with ``pool``,
+  z ``[B, P, H, d]`` the subgraph means of o, else an empty tensor;
+* ``attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+  -> (dq, dk, dv, dbias)``: dbias in the bias's shape and dtype, or empty when not needed;
+* ``segment_mean_forward(x, index, lengths) -> z`` and
+  ``segment_mean_backward(dz, assignment, lengths) -> dx``.
+
+Each op takes the backend's name as its last argument and calls that backend's launch, so one
+set of ops (shape-only fake versions for torch.compile, autograd) serves every kernel backend.
+Inter attention is intra attention over one subgraph holding all P tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+from .backends import Backend
+from .partition import Partition
+
+Tensor = torch.Tensor
+
+
+def _rows(t: Tensor) -> Tensor:
+    """The kernels want the last dim contiguous; other strides are free."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- attention
+@torch.library.custom_op("sba::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor,
+                  bias: Optional[Tensor], scale: float, pool: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, z) of subgraph attention, z the subgraph means of o when ``pool`` (else empty)."""
+    return backends.get(backend).attention_forward(q, k, v, index, lengths, bias, scale, pool)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, index, lengths, assignment, bias, scale, pool, backend):
+    B, N, H, d = q.shape
+    z = q.new_empty((B, index.shape[0], H, d)) if pool else q.new_empty(0)
+    return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32), z
+
+
+@torch.library.custom_op("sba::attention_bwd", mutates_args=())
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: Tensor, lengths: Tensor,
+                  bias: Optional[Tensor], scale: float, need_dbias: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dbias) from o's gradient ``do``; dbias empty unless ``need_dbias``."""
+    return backends.get(backend).attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, backend):
+    return (*(q.new_empty(q.shape) for _ in range(3)), bias.new_empty(bias.shape) if need_dbias else q.new_empty(0))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, index, lengths, assignment, bias, scale, pool, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], index, lengths, assignment, bias)
+    ctx.scale, ctx.pool, ctx.backend = scale, pool, backend
+
+
+def _attention_backward(ctx, do, _dlse, dz):
+    q, k, v, o, lse, index, lengths, assignment, bias = ctx.saved_tensors
+    if ctx.pool:   # z = segment mean of o, so o's whole gradient is do + dz[part(i)] / n_part(i)
+        B, N, H, d = q.shape
+        dz_rows = segment_mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths, ctx.backend)
+        do = do + dz_rows.view(B, N, H, d)
+    need_dbias = bias is not None and ctx.needs_input_grad[6]
+    dq, dk, dv, dbias = attention_bwd(_rows(do), q, k, v, o, lse, index, lengths, bias, ctx.scale, need_dbias,
+                                      ctx.backend)
+    return dq, dk, dv, None, None, None, dbias if need_dbias else None, None, None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ----------------------------------------------------------------------------- segment mean
+@torch.library.custom_op("sba::segment_mean_fwd", mutates_args=())
+def segment_mean_fwd(x: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor, backend: str) -> Tensor:
+    """``[B, N, C] -> [B, P, C]`` subgraph means."""
+    return backends.get(backend).segment_mean_forward(x, index, lengths)
+
+
+@segment_mean_fwd.register_fake
+def _(x, index, lengths, assignment, backend):
+    return x.new_empty((x.shape[0], index.shape[0], x.shape[2]))
+
+
+@torch.library.custom_op("sba::segment_mean_bwd", mutates_args=())
+def segment_mean_bwd(dz: Tensor, assignment: Tensor, lengths: Tensor, backend: str) -> Tensor:
+    """``dx[b, i] = dz[b, part(i)] / n_part(i)``."""
+    return backends.get(backend).segment_mean_backward(dz, assignment, lengths)
+
+
+@segment_mean_bwd.register_fake
+def _(dz, assignment, lengths, backend):
+    return dz.new_empty((dz.shape[0], assignment.shape[0], dz.shape[2]))
+
+
+def _mean_setup(ctx, inputs, output):
+    _, _, lengths, assignment, backend = inputs
+    ctx.save_for_backward(assignment, lengths)
+    ctx.backend = backend
+
+
+def _mean_backward(ctx, dz):
+    assignment, lengths = ctx.saved_tensors
+    return segment_mean_bwd(_rows(dz), assignment, lengths, ctx.backend), None, None, None, None
+
+
+segment_mean_fwd.register_autograd(_mean_backward, setup_context=_mean_setup)
+
+
+# ----------------------------------------------------------------------------- the backend
+class KernelBackend(Backend):
+    """A backend whose kernels launch from the four functions in the module doc, run through the
+    ``sba::`` ops. Subclasses set ``name``, ``supports`` and the launch functions."""
+
+    def _attention(self, q, k, v, partition: Partition, bias, scale, pool: bool):
+        return attention_fwd(_rows(q), _rows(k), _rows(v), partition.index, partition.lengths, partition.assignment,
+                             None if bias is None else bias.contiguous(), scale, pool, self.name)
+
+    def intra_attention(self, q, k, v, partition, bias, scale):
+        return self._attention(q, k, v, partition, bias, scale, pool=False)[0]
+
+    def intra_attention_pooled(self, q, k, v, partition, bias, scale):
+        o, _, z = self._attention(q, k, v, partition, bias, scale, pool=True)
+        return o, z
+
+    def inter_attention(self, q, k, v, bias, scale):
+        everything = Partition.whole(q.shape[1], q.device)   # one subgraph holding all P tokens
+        if bias is not None:       # [P, P] -> [1, P, P];  [H, P, P] -> [H, 1, P, P]
+            bias = bias.unsqueeze(-3)
+        return self._attention(q, k, v, everything, bias, scale, pool=False)[0]
+
+    def segment_mean(self, x, partition):
+        return segment_mean_fwd(_rows(x), partition.index, partition.lengths, partition.assignment, self.name)
