@@ -13,6 +13,7 @@ says so before any launch.
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,8 +23,6 @@ from .custom_ops import KernelBackend
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = ("bindings.cpp", "attention.cu", "segment_mean.cu")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 128
 # Where the extension's kernels run: "cpu" only for the test build that emulates CUDA on CPU
 # threads (tests/cuda_emulator), which swaps in its own module for `_load`.
 KERNEL_DEVICE = "cuda"
@@ -113,10 +112,6 @@ class CudaBackend(KernelBackend):
 
     name = "cuda"
     auto_devices = ("cuda",)
-    attention_forward = staticmethod(attention_forward)
-    attention_backward = staticmethod(attention_backward)
-    segment_mean_forward = staticmethod(segment_mean_forward)
-    segment_mean_backward = staticmethod(segment_mean_backward)
 
     def unavailable(self, device):
         if device.type != KERNEL_DEVICE:
@@ -124,14 +119,5 @@ class CudaBackend(KernelBackend):
         module, reason = _load()
         return None if module is not None else reason
 
-    def supports(self, x, bias=None):
-        if x.dtype not in DTYPES:
-            return f"the cuda backend takes float32, float16 or bfloat16, got {x.dtype}"
-        if bias is not None and bias.dtype not in DTYPES:
-            return f"the cuda backend takes a float32, float16 or bfloat16 bias, got {bias.dtype}"
-        if x.dim() == 4 and x.shape[-1] > MAX_HEAD_DIM:
-            return f"the cuda backend takes head dims up to {MAX_HEAD_DIM}, got {x.shape[-1]}"
-        return self.unavailable(x.device)
 
-
-BACKEND = CudaBackend()
+BACKEND = CudaBackend(sys.modules[__name__])

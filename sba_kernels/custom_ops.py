@@ -39,7 +39,7 @@ def _rows(t: Tensor) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor,
                   bias: Optional[Tensor], scale: float, pool: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(o, lse, z) of subgraph attention, z the subgraph means of o when ``pool`` (else empty)."""
-    return backends.get(backend).attention_forward(q, k, v, index, lengths, bias, scale, pool)
+    return backends.get(backend).launches.attention_forward(q, k, v, index, lengths, bias, scale, pool)
 
 
 @attention_fwd.register_fake
@@ -54,7 +54,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
                   bias: Optional[Tensor], scale: float, need_dbias: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias) from o's gradient ``do``; dbias empty unless ``need_dbias``."""
-    return backends.get(backend).attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+    return backends.get(backend).launches.attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
 
 
 @attention_bwd.register_fake
@@ -87,7 +87,7 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 @torch.library.custom_op("sba::segment_mean_fwd", mutates_args=())
 def segment_mean_fwd(x: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor, backend: str) -> Tensor:
     """``[B, N, C] -> [B, P, C]`` subgraph means."""
-    return backends.get(backend).segment_mean_forward(x, index, lengths)
+    return backends.get(backend).launches.segment_mean_forward(x, index, lengths)
 
 
 @segment_mean_fwd.register_fake
@@ -98,7 +98,7 @@ def _(x, index, lengths, assignment, backend):
 @torch.library.custom_op("sba::segment_mean_bwd", mutates_args=())
 def segment_mean_bwd(dz: Tensor, assignment: Tensor, lengths: Tensor, backend: str) -> Tensor:
     """``dx[b, i] = dz[b, part(i)] / n_part(i)``."""
-    return backends.get(backend).segment_mean_backward(dz, assignment, lengths)
+    return backends.get(backend).launches.segment_mean_backward(dz, assignment, lengths)
 
 
 @segment_mean_bwd.register_fake
@@ -122,8 +122,25 @@ segment_mean_fwd.register_autograd(_mean_backward, setup_context=_mean_setup)
 
 # ----------------------------------------------------------------------------- the backend
 class KernelBackend(Backend):
-    """A backend whose kernels launch from the four functions in the module doc, run through the
-    ``sba::`` ops. Subclasses set ``name``, ``supports`` and the launch functions."""
+    """A backend whose kernels launch from the four functions in the module doc, found in the
+    module ``launches``, run through the ``sba::`` ops. Subclasses set ``name``,
+    ``auto_devices`` and ``unavailable``."""
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 128
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def supports(self, x, bias=None):
+        kinds = ", ".join(str(t).removeprefix("torch.") for t in self.dtypes)
+        if x.dtype not in self.dtypes:
+            return f"{self.name} takes {kinds} inputs, got {x.dtype}"
+        if bias is not None and bias.dtype not in self.dtypes:
+            return f"{self.name} takes a {kinds} bias, got {bias.dtype}"
+        if x.dim() == 4 and x.shape[-1] > self.max_head_dim:
+            return f"{self.name} takes head dims up to {self.max_head_dim}, got {x.shape[-1]}"
+        return self.unavailable(x.device)
 
     def _attention(self, q, k, v, partition: Partition, bias, scale, pool: bool):
         return attention_fwd(_rows(q), _rows(k), _rows(v), partition.index, partition.lengths, partition.assignment,

@@ -65,7 +65,7 @@ def test_the_configurations_cover_what_the_issue_asks(triton_reports):
         assert f"HEAD_DIM={d}," in configs
     for block in (16, 32, 64):
         assert f"BLOCK_M={block}," in configs
-    for flag in ("HAS_BIAS=True", "HAS_BIAS=False", "PRECISION=tf32x3", "PRECISION=tf32,"):   # pooling is a runtime flag
+    for flag in ("HAS_BIAS=True", "HAS_BIAS=False", "PRECISION=tf32x3", "PRECISION=tf32,"):   # pooling: a runtime flag
         assert flag in configs
 
 
