@@ -48,13 +48,13 @@ def intra_attention(
             indexed by slot within the subgraph (``partition.index`` order); entries in padding
             slots are ignored. Broadcast over the batch; differentiable.
         scale: score scale; default ``1/sqrt(d)``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"sdpa"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``[B, N, H, d]`` in node order, dtype of q.
     """
     scale = _check_intra(q, k, v, partition, bias, scale)
-    return dispatch.run("intra_attention", backend, q.device, q, k, v, partition, bias, scale)
+    return dispatch.run("intra_attention", backend, (q, bias), q, k, v, partition, bias, scale)
 
 
 def intra_attention_pooled(
@@ -81,7 +81,7 @@ def intra_attention_pooled(
         differentiable.
     """
     scale = _check_intra(q, k, v, partition, bias, scale)
-    return dispatch.run("intra_attention_pooled", backend, q.device, q, k, v, partition, bias, scale)
+    return dispatch.run("intra_attention_pooled", backend, (q, bias), q, k, v, partition, bias, scale)
 
 
 def segment_mean(x: torch.Tensor, partition: Partition, *, backend: str = "auto") -> torch.Tensor:
@@ -96,7 +96,7 @@ def segment_mean(x: torch.Tensor, partition: Partition, *, backend: str = "auto"
     """
     _checks.check_float_tensor(x, "x", 3)
     _checks.check_partition(partition, x.shape[1], x.device)
-    return dispatch.run("segment_mean", backend, x.device, x, partition)
+    return dispatch.run("segment_mean", backend, (x, None), x, partition)
 
 
 def inter_attention(
@@ -115,7 +115,7 @@ def inter_attention(
         bias: optional additive score bias ``[P, P]`` or ``[H, P, P]`` (e.g. from the coarse
             graph between subgraphs), broadcast over the batch; differentiable.
         scale: score scale; default ``1/sqrt(d)``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"sdpa"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``[B, P, H, d]``, dtype of q.
@@ -124,4 +124,4 @@ def inter_attention(
     P, H = q.shape[1], q.shape[2]
     _checks.check_bias(bias, q, {"[P, P]": (P, P), "[H, P, P]": (H, P, P)})
     scale = _checks.resolve_scale(scale, q.shape[3])
-    return dispatch.run("inter_attention", backend, q.device, q, k, v, bias, scale)
+    return dispatch.run("inter_attention", backend, (q, bias), q, k, v, bias, scale)

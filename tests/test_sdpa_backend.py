@@ -1,0 +1,238 @@
+"""The sdpa backend (the CPU fast path) against the float64 dense reference (SPEC section 5),
+and what ``backend="auto"`` picks.
+
+Every case draws fresh random inputs; partitions are ragged with singletons and a giant
+subgraph. fp32 within 1e-5 of float64 (gradients 2e-5), bf16/fp16 within 1e-2.
+"""
+
+import pytest
+import torch
+
+import sba_kernels as sk
+from sba_kernels import dispatch, sdpa_backend
+from helpers import (compare_forward_backward, dense_attention, dense_masked_attention, loop_segment_mean,
+                     random_partition, rel_err)
+
+F64 = torch.float64
+MODES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
+MODE_IDS = ["fp32", "bf16", "fp16"]
+
+
+@pytest.fixture(params=MODES, ids=MODE_IDS)
+def mode(request):
+    return request.param
+
+
+@pytest.fixture
+def g():
+    """A generator with a fresh seed, printed so that a failure can be replayed."""
+    gen = torch.Generator()
+    print(f"generator seed {gen.seed()}")
+    return gen
+
+
+def _bias(g, kind, heads, partition):
+    shape = (partition.num_parts, partition.max_size, partition.max_size)
+    return torch.randn(((heads,) if kind == "per_head" else ()) + shape, generator=g)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bias_kind", [None, "shared", "per_head"])
+def test_intra_matches_reference(mode, bias_kind, batch, g):
+    dtype, tol = mode
+    part = random_partition(170, max_size=11, giant=83, generator=g)
+    assert part.max_size == 83 and 1 in part.lengths.tolist()
+    H, d = 2, 16
+    inputs = [torch.randn(batch, 170, H, d, generator=g) for _ in range(3)]
+    if bias_kind:
+        inputs.append(_bias(g, bias_kind, H, part))
+
+    def ours(q, k, v, *bias):
+        return sk.intra_attention(q, k, v, part, bias=bias[0] if bias else None, scale=0.5, backend="sdpa")
+
+    def ref(q, k, v, *bias):
+        return dense_masked_attention(q, k, v, part, bias[0] if bias else None, scale=0.5)
+
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g)
+
+
+@pytest.mark.parametrize("bias_kind", [None, "shared", "per_head"])
+def test_intra_on_equal_contiguous_runs(bias_kind, g):
+    """index == arange(N).view(P, M): the padded batch is a view of the inputs, no mask."""
+    part = sk.Partition.from_assignment(torch.arange(96) // 8)
+    assert sdpa_backend._layout(part).identity
+    H = 3
+    inputs = [torch.randn(2, 96, H, 8, generator=g) for _ in range(3)]
+    if bias_kind:
+        inputs.append(_bias(g, bias_kind, H, part))
+
+    def ours(q, k, v, *bias):
+        return sk.intra_attention(q, k, v, part, bias=bias[0] if bias else None, backend="sdpa")
+
+    def ref(q, k, v, *bias):
+        return dense_masked_attention(q, k, v, part, bias[0] if bias else None)
+
+    compare_forward_backward(ours, ref, inputs, dtype=torch.float32, tol=1e-5, generator=g)
+
+
+@pytest.mark.parametrize("giant, bias_kind", [(0, None), (60, "shared"), (60, "per_head")])
+def test_intra_pooled_matches_reference(mode, giant, bias_kind, g):
+    """o and its subgraph means z, with gradients flowing into both."""
+    dtype, tol = mode
+    part = random_partition(130, max_size=9, giant=giant, generator=g)
+    B, H, d = 2, 2, 8
+    inputs = [torch.randn(B, 130, H, d, generator=g) for _ in range(3)]
+    if bias_kind:
+        inputs.append(_bias(g, bias_kind, H, part))
+
+    def ours(q, k, v, *bias):
+        o, z = sk.intra_attention_pooled(q, k, v, part, bias=bias[0] if bias else None, backend="sdpa")
+        assert z.shape == (B, part.num_parts, H, d) and z.dtype == dtype
+        return torch.cat([o.reshape(-1), z.reshape(-1)])
+
+    def ref(q, k, v, *bias):
+        o = dense_masked_attention(q, k, v, part, bias[0] if bias else None)
+        return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(B, 130, H * d), part).reshape(-1)])
+
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g)
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_segment_mean_matches_reference(mode, identity, g):
+    dtype, tol = mode
+    part = (sk.Partition.from_assignment(torch.arange(120) // 12) if identity
+            else random_partition(120, max_size=13, giant=50, generator=g))
+    x = torch.randn(3, 120, 20, generator=g)
+    compare_forward_backward(lambda x: sk.segment_mean(x, part, backend="sdpa"),
+                             lambda x: loop_segment_mean(x, part), [x], dtype=dtype, tol=tol, generator=g)
+
+
+@pytest.mark.parametrize("bias_shape", [None, "PP", "HPP"])
+def test_inter_matches_reference(mode, bias_shape, g):
+    dtype, tol = mode
+    B, P, H, d = 2, 150, 2, 16
+    inputs = [torch.randn(B, P, H, d, generator=g) for _ in range(3)]
+    if bias_shape:
+        inputs.append(torch.randn(((H,) if bias_shape == "HPP" else ()) + (P, P), generator=g))
+
+    def ours(q, k, v, *bias):
+        return sk.inter_attention(q, k, v, bias=bias[0] if bias else None, backend="sdpa")
+
+    def ref(q, k, v, *bias):
+        return dense_attention(q, k, v, bias[0] if bias else None)
+
+    compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g)
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 2000])
+def test_bias_gradient_in_chunks(monkeypatch, chunk, g):
+    """With a bias to differentiate, the backward recomputes the probabilities in chunks of
+    subgraphs and query rows; any chunk size gives the same numbers. Here (scores per subgraph:
+    intra 2 x 15 x 15, inter 2 x 40 x 40) 1 takes one query row at a time, 100 a few rows, and
+    2000 four subgraphs at a time (intra) or 25 rows then 15 (inter)."""
+    monkeypatch.setattr(sdpa_backend, "_SCORE_CHUNK", chunk)
+    part = random_partition(60, max_size=7, giant=15, generator=g)
+    intra = [torch.randn(2, 60, 2, 8, generator=g) for _ in range(3)] + [_bias(g, "per_head", 2, part)]
+    compare_forward_backward(lambda q, k, v, b: sk.intra_attention(q, k, v, part, bias=b, backend="sdpa"),
+                             lambda q, k, v, b: dense_masked_attention(q, k, v, part, b), intra,
+                             dtype=torch.float32, tol=1e-5, generator=g)
+    inter = [torch.randn(2, 40, 2, 8, generator=g) for _ in range(3)] + [torch.randn(40, 40, generator=g)]
+    compare_forward_backward(lambda q, k, v, b: sk.inter_attention(q, k, v, bias=b, backend="sdpa"),
+                             lambda q, k, v, b: dense_attention(q, k, v, b), inter,
+                             dtype=torch.float32, tol=1e-5, generator=g)
+
+
+def test_bias_keeps_its_dtype(g):
+    """A float32 bias on bfloat16 inputs is read as float32; its gradient comes back float32."""
+    part = random_partition(50, max_size=8, generator=g)
+    q, k, v = (torch.randn(1, 50, 2, 16, generator=g, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(part.num_parts, part.max_size, part.max_size, generator=g, requires_grad=True)
+    out = sk.intra_attention(q, k, v, part, bias=bias, backend="sdpa")
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert bias.grad.dtype == torch.float32 and q.grad.dtype == torch.bfloat16
+    ref_bias = bias.detach().double().requires_grad_()
+    ref = dense_masked_attention(q.detach().double(), k.detach().double(), v.detach().double(), part, ref_bias)
+    ref.square().sum().backward()
+    assert rel_err(out, ref) <= 1e-2 and rel_err(bias.grad, ref_bias.grad) <= 2e-2
+
+
+def test_bias_in_padding_slots_is_ignored(g):
+    part = random_partition(40, max_size=6, giant=9, generator=g)
+    q, k, v = (torch.randn(2, 40, 2, 8, generator=g) for _ in range(3))
+    bias = torch.randn(2, part.num_parts, part.max_size, part.max_size, generator=g)
+    pad = torch.arange(part.max_size).unsqueeze(0) >= part.lengths.unsqueeze(1)          # [P, M]
+    in_padding = (pad.unsqueeze(2) | pad.unsqueeze(1)).expand_as(bias)
+    garbage = bias.masked_fill(in_padding, float("nan")).requires_grad_()
+    out = sk.intra_attention(q, k, v, part, bias=garbage, backend="sdpa")
+    assert torch.equal(out, sk.intra_attention(q, k, v, part, bias=bias, backend="sdpa"))
+    out.sum().backward()
+    assert torch.isfinite(garbage.grad).all() and not garbage.grad[in_padding].any()
+
+
+def test_large_logits_stay_finite(g):
+    part = random_partition(90, max_size=12, giant=30, generator=g)
+    qkv = torch.randn(2, 90, 3, 2, 16, generator=g)          # as a fused projection lays it out
+    q, k, v = (t.requires_grad_() for t in qkv.clone().unbind(2))
+    bias = torch.randn(part.num_parts, part.max_size, part.max_size, generator=g, requires_grad=True)
+    out = sk.intra_attention(q, k, v, part, bias=bias, scale=100 / 4, backend="sdpa")
+    out.sum().backward()
+    ref = dense_masked_attention(*(t.double() for t in qkv.unbind(2)), part, bias.detach().double(), scale=100 / 4)
+    assert all(torch.isfinite(t).all() for t in (out, q.grad, k.grad, v.grad, bias.grad))
+    # Softmax at scale 100 is nearly one-hot: fp32 rounding of q.k moves an argmax rarely but can.
+    assert rel_err(out, ref) <= 1e-4
+
+
+# --------------------------------------------------------------------------- dispatch
+def test_auto_picks_sdpa_on_cpu_and_torch_for_float64():
+    part = sk.Partition.from_assignment(torch.arange(12) % 4)
+    q32 = torch.randn(2, 12, 2, 8)
+    assert dispatch.choose("auto", q32)[0] == "sdpa"
+    assert dispatch.choose("auto", q32.double()) == ["torch"]
+    assert dispatch.choose("auto", q32.bfloat16(), torch.zeros(4, 3, 3))[0] == "sdpa"
+    assert "sdpa" in sk.available_backends()
+    # "auto" gives the sdpa numbers bit for bit on float32, the reference's on float64.
+    assert torch.equal(sk.intra_attention(q32, q32, q32, part), sk.intra_attention(q32, q32, q32, part, backend="sdpa"))
+    q64 = q32.double()
+    assert torch.equal(sk.intra_attention(q64, q64, q64, part), sk.intra_attention(q64, q64, q64, part, backend="torch"))
+    x = torch.randn(2, 12, 5)
+    assert torch.equal(sk.segment_mean(x, part), sk.segment_mean(x, part, backend="sdpa"))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda q, p: sk.intra_attention(q.double(), q.double(), q.double(), p, backend="sdpa"), ValueError,
+         "sdpa.*float64"),
+        (lambda q, p: sk.intra_attention_pooled(q.double(), q.double(), q.double(), p, backend="sdpa"), ValueError,
+         "sdpa.*float64"),
+        (lambda q, p: sk.segment_mean(q[:, :, 0].double(), p, backend="sdpa"), ValueError, "sdpa.*float64"),
+        (lambda q, p: sk.inter_attention(q.double(), q.double(), q.double(), backend="sdpa"), ValueError,
+         "sdpa.*float64"),
+        (lambda q, p: sk.intra_attention(q, q, q[..., :2], p, backend="sdpa"), ValueError, "v must have the shape"),
+        (lambda q, p: sk.intra_attention(q, q.half(), q, p, backend="sdpa"), TypeError, "k must have the dtype"),
+        (lambda q, p: sk.intra_attention(q, q, q, p, bias=torch.zeros(3, 3, 4, 4), backend="sdpa"), ValueError,
+         "bias must have shape"),
+        (lambda q, p: sk.intra_attention(q, q, q, p, bias=torch.zeros(3, 4, 4).long(), backend="sdpa"), TypeError,
+         "bias must be"),
+        (lambda q, p: sk.intra_attention(q[:, :9], q[:, :9], q[:, :9], p, backend="sdpa"), ValueError,
+         "partition covers 10"),
+        (lambda q, p: sk.inter_attention(q, q, q, bias=torch.zeros(10, 9), backend="sdpa"), ValueError,
+         "bias must have shape"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(call, exc, match):
+    part = sk.Partition.from_assignment(torch.arange(10) % 3)
+    with pytest.raises(exc, match=match):
+        call(torch.randn(1, 10, 2, 4), part)
+
+
+def test_sbattention_on_auto_runs_the_sdpa_backend(g):
+    """The layer a CPU user builds with the default backend gets the sdpa numbers bit for bit."""
+    from sba_model import SBAttention
+
+    part = random_partition(80, max_size=10, giant=20, generator=g)
+    auto, sdpa = SBAttention(32, 4, part), SBAttention(32, 4, part, backend="sdpa")
+    sdpa.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 80, 32, generator=g)
+    assert torch.equal(auto(x), sdpa(x))
