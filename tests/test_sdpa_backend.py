@@ -236,3 +236,25 @@ def test_sbattention_on_auto_runs_the_sdpa_backend(g):
     sdpa.load_state_dict(auto.state_dict())
     x = torch.randn(2, 80, 32, generator=g)
     assert torch.equal(auto(x), sdpa(x))
+
+
+@pytest.mark.parametrize("bias_kind", [None, "per_head"])
+def test_other_devices_kernel_pair(monkeypatch, bias_kind, g):
+    """Off the CPU the backend runs the public SDPA and recomputes it in the backward; that pair,
+    run here on CPU tensors, gives the reference's numbers too."""
+    monkeypatch.setattr(sdpa_backend, "_kernels", lambda device: (sdpa_backend._sdpa_forward,
+                                                                  sdpa_backend._sdpa_backward))
+    part = random_partition(100, max_size=9, giant=30, generator=g)
+    inputs = [torch.randn(2, 100, 2, 8, generator=g) for _ in range(3)]
+    if bias_kind:
+        inputs.append(_bias(g, bias_kind, 2, part))
+
+    def ours(q, k, v, *bias):
+        o, z = sk.intra_attention_pooled(q, k, v, part, bias=bias[0] if bias else None, backend="sdpa")
+        return torch.cat([o.reshape(-1), z.reshape(-1)])
+
+    def ref(q, k, v, *bias):
+        o = dense_masked_attention(q, k, v, part, bias[0] if bias else None)
+        return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(2, 100, 16), part).reshape(-1)])
+
+    compare_forward_backward(ours, ref, inputs, dtype=torch.float32, tol=1e-5, generator=g)
