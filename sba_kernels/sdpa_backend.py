@@ -103,6 +103,35 @@ def _pad(t: torch.Tensor, lay: _Layout) -> torch.Tensor:
     return _bhmd(t.reshape(B, N, H, d) if lay.identity else t.index_select(1, lay.slot_node), lay)
 
 
+def _packed_rows(q, k, v) -> Optional[torch.Tensor]:
+    """``[B, N, 3*H*d]``: the rows q, k and v are consecutive slices of, when they are (a fused
+    projection's output viewed ``[B, N, 3, H, d]`` and unbound); else None."""
+    if torch.compiler.is_compiling():   # data pointers are not there to compare while tracing
+        return None
+    B, N, H, d = q.shape
+    width = H * d
+    if not q.stride() == k.stride() == v.stride() == (q.stride(0), 3 * width, d, 1):
+        return None
+    if not q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+        return None
+    step = width * q.element_size()
+    if k.data_ptr() - q.data_ptr() != step or v.data_ptr() - k.data_ptr() != step:
+        return None
+    return q.as_strided((B, N, 3 * width), (q.stride(0), 3 * width, 1))
+
+
+def _pad_qkv(q, k, v, lay: _Layout) -> list[torch.Tensor]:
+    """q, k, v in SDPA's ``[B*P, H, M, d]`` layout. When they are slices of one packed tensor,
+    one gather of its rows serves all three: each strided slice alone would be copied
+    contiguous before its gather."""
+    packed = None if lay.identity else _packed_rows(q, k, v)
+    if packed is None:
+        return [_pad(t, lay) for t in (q, k, v)]
+    B, _, H, d = q.shape
+    rows = packed.index_select(1, lay.slot_node).view(B, -1, 3, H, d)
+    return [_bhmd(rows[:, :, i], lay) for i in range(3)]
+
+
 def _unpad(t: torch.Tensor, lay: _Layout, batch: int) -> torch.Tensor:
     """``[B*P, H, M, d]`` -> node order ``[B, N, H, d]``."""
     rows = _rows(t, batch)
@@ -194,7 +223,7 @@ def _attend(q, k, v, mask, scale: float, lay: _Layout, weights: Optional[torch.T
     SDPA's output and lse). Without ``keep``, the padded inputs are freed before o is gathered, so
     a forward without autograd peaks no higher than the SDPA call itself."""
     B = q.shape[0]
-    padded = [_pad(t, lay) for t in (q, k, v)]
+    padded = _pad_qkv(q, k, v, lay)
     kernel_forward, _ = _kernels(q.device)
     op, lse = kernel_forward(*padded, mask, scale)
     saved = (*padded, op, lse) if keep else None

@@ -258,3 +258,20 @@ def test_other_devices_kernel_pair(monkeypatch, bias_kind, g):
         return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(2, 100, 16), part).reshape(-1)])
 
     compare_forward_backward(ours, ref, inputs, dtype=torch.float32, tol=1e-5, generator=g)
+
+
+def test_packed_qkv_gathered_once(g):
+    """q, k, v unbound from one fused projection are gathered as one tensor: same numbers, bit
+    for bit, as contiguous copies; slices that are not laid out that way are not taken for it."""
+    part = random_partition(70, max_size=9, giant=20, generator=g)
+    qkv = torch.randn(2, 70, 3, 2, 8, generator=g)
+    packed = qkv.unbind(2)
+    assert sdpa_backend._packed_rows(*packed) is not None
+    assert sdpa_backend._packed_rows(packed[1], packed[0], packed[2]) is None       # out of order
+    assert sdpa_backend._packed_rows(*torch.randn(2, 70, 2, 3, 8).unbind(3)) is None      # packed per head
+    for pooled in (sk.intra_attention, sk.intra_attention_pooled):
+        ins = [t.requires_grad_() for t in qkv.clone().unbind(2)]
+        copies = [t.detach().contiguous().requires_grad_() for t in packed]
+        a, b = pooled(*ins, part, backend="sdpa"), pooled(*copies, part, backend="sdpa")
+        assert all(torch.equal(x, y) for x, y in zip(a if pooled is sk.intra_attention_pooled else [a],
+                                                     b if pooled is sk.intra_attention_pooled else [b]))
