@@ -10,6 +10,8 @@ Same work as SBA's intra-subgraph attention (block-diagonal attention):
 What SBA replaces and what a user runs:
   ``sdpa_full``         SDPA over all N tokens (full attention)
   ``sba_layer[<backend>]``  the SBAttention layer (projections, intra, pooling, inter)
+  ``layer_projections``  only the layer's two N-token Linear maps (qkv, then the output
+                        projection of q's part): what ``sba_layer`` costs besides attention
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def sba_layer(backend: str):
         layer = SBAttention(H * d, H, partition, backend=backend).to(q.device, q.dtype)
         return lambda q, k, v: layer(q.reshape(B, N, H * d)).view(B, N, H, d)
     return build
+
+
+def layer_projections(q, k, v, partition: Partition) -> Method:
+    B, N, H, d = q.shape
+    intra = SBAttention(H * d, H, partition).to(q.device, q.dtype).intra
+    return lambda q, k, v: intra.proj(intra.qkv(q.reshape(B, N, H * d))[..., :H * d]).view(B, N, H, d)
 
 
 def sdpa_full(q, k, v, partition: Partition) -> Method:
@@ -93,13 +101,14 @@ def flex_document(q, k, v, partition: Partition) -> Method:
 
 def registry(device: str) -> dict[str, Callable]:
     """Method name -> builder, for the backends usable on ``device`` (the Triton interpreter
-    is never timed: on the CPU only the torch backend runs)."""
-    backends = [b for b in sk.available_backends() if device == "cuda" or b == "torch"]
+    is never timed: on the CPU only the torch and sdpa backends run)."""
+    backends = [b for b in sk.available_backends() if device == "cuda" or b in ("torch", "sdpa")]
     methods: dict[str, Callable] = {}
     for b in backends:
         methods[f"intra[{b}]"] = intra(b)
     for b in backends:
         methods[f"sba_layer[{b}]"] = sba_layer(b)
+    methods["layer_projections"] = layer_projections
     methods.update(sdpa_full=sdpa_full, sdpa_dense_mask=sdpa_dense_mask, sdpa_padded=sdpa_padded,
                    flex_document=flex_document)
     return methods

@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = Config(batch=1, heads=4, head_dim=32, subgraph_size=64, dtype="bf16" if DEVICE == "cuda" else "fp32",
              device=DEVICE, backward=False)
 NODES = 65536 if DEVICE == "cuda" else 8192
-BACKENDS = [b for b in sk.available_backends() if DEVICE == "cuda" or b == "torch"]
+BACKENDS = [b for b in sk.available_backends() if DEVICE == "cuda" or b in ("torch", "sdpa")]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""sba_kernels: the Spatial Balance Attention ops over torch, Triton and CUDA C++ backends.
+"""sba_kernels: the Spatial Balance Attention ops over torch, SDPA, Triton and CUDA C++ backends.
 
     >>> import torch, sba_kernels as sk
     >>> part = sk.Partition.from_assignment(torch.tensor([0, 0, 1, 1, 1]))

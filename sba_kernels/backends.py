@@ -9,6 +9,7 @@ name       module                              ``"auto"`` picks it for
 =========  ==================================  =====================================
 triton     `sba_kernels.triton_backend`        CUDA tensors
 cuda       `sba_kernels.cuda_backend`          CUDA tensors
+sdpa       `sba_kernels.sdpa_backend`          CPU and CUDA tensors (not float64)
 torch      `sba_kernels.reference`             anything (float64 only goes here)
 =========  ==================================  =====================================
 
@@ -159,4 +160,5 @@ def available_backends() -> list[str]:
 
 register("triton", "sba_kernels.triton_backend")
 register("cuda", "sba_kernels.cuda_backend")
+register("sdpa", "sba_kernels.sdpa_backend")
 register("torch", "sba_kernels.reference")

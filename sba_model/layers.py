@@ -159,7 +159,9 @@ class SBAttention(_HoldsPartition):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, z = self.intra.forward_pooled(x)          # z = segment mean of h, fused
         g = self.inter(z)
-        return self.dropout(h + g[:, self.partition.assignment])
+        # g[assignment] + h, adding h into the gathered rows: one [B, N, D] tensor, not two, and
+        # index_select's backward is an index_add (advanced indexing's is a slower index_put).
+        return self.dropout(g.index_select(1, self.partition.assignment).add_(h))
 
 
 def _mlp(dim: int, ratio: float, dropout: float) -> nn.Sequential:
@@ -204,4 +206,5 @@ class SBABlock(_HoldsPartition):
         z = sk.segment_mean(h, self.partition, backend=self.backend)
         z = z + self.drop(self.inter(self.norm_z1(z)))
         z = z + self.drop(self.mlp_z(self.norm_z2(z)))
-        return h + torch.relu(self.node_proj(h) + self.sub_proj(z)[:, self.partition.assignment])
+        # index_select, not z[:, assignment]: its backward is an index_add, not a slower index_put
+        return h + torch.relu(self.node_proj(h) + self.sub_proj(z).index_select(1, self.partition.assignment))

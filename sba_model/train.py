@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sba_kernels import backends
+
 from . import data as datasets
 from . import zoo
 
@@ -277,7 +279,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--horizons", type=int, nargs="+", default=None, help="steps ahead to report")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton", "cuda"])
+    p.add_argument("--backend", default=d.backend, choices=["auto", *backends.names()],
+                   help="kernel backend of the SBA ops (auto: the fastest that takes the input)")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt")
     p.add_argument("--quiet", action="store_true")
