@@ -6,8 +6,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sba_model import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe,
-                       multiscale_partitions, partition_graph, to_csr)
+from sba_kernels import Partition
+from sba_model import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe, model_partitions,
+                       multiscale_partitions, partition_graph, to_csr, token_levels)
+from sba_model.partitioning import hierarchy_parts, nested_levels
 from sba_model.pe import normalized_laplacian
 
 
@@ -162,3 +164,78 @@ def test_laplacian_pe_sparse_path_100k_under_a_minute():
 def test_laplacian_pe_small_graph_pads_with_zeros():
     pe = laplacian_pe(np.ones((3, 3)), 5)
     assert pe.shape == (3, 5) and torch.all(pe[:, 2:] == 0)
+
+
+# ----------------------------------------------------------------------------- hierarchy levels
+def _check_token_level(level, num_tokens):
+    """Every token in exactly one group (the Partition checks it too; this does not trust it)."""
+    assert level.num_nodes == num_tokens
+    assert sorted(sum(level.parts(), [])) == list(range(num_tokens))
+
+
+def test_hierarchy_parts_counts_and_arguments():
+    assert hierarchy_parts(100, threshold=100) == []
+    assert hierarchy_parts(101, threshold=100, group_size=10) == [11]
+    assert hierarchy_parts(15625 * 10, threshold=2048, group_size=64) == [2442, 39]
+    with pytest.raises(ValueError, match="group_size"):
+        hierarchy_parts(100, threshold=10, group_size=1)
+    with pytest.raises(ValueError, match="inter_threshold"):
+        hierarchy_parts(100, threshold=0)
+
+
+def test_token_levels_cover_chain_and_follow_the_graph():
+    rng = np.random.default_rng(6)
+    adj = knn_adjacency(rng.random((3000, 2)), 6)
+    part = partition_graph(adj, 300)
+    assert token_levels(adj, part, threshold=300) == []            # at the threshold: dense, no level
+    levels = token_levels(adj, part, threshold=20, group_size=8)
+    tokens = part.num_parts
+    for level in levels:
+        _check_token_level(level, tokens)
+        assert tokens > 20
+        assert int(level.lengths.max()) <= 2 * 8                   # about group_size tokens per group
+        tokens = level.num_parts
+    assert len(levels) == 2 and tokens <= 20
+    # Groups are METIS parts of the graph between subgraphs: of the edges between two subgraphs,
+    # far fewer join two groups than under a random grouping of the same sizes.
+    sub = part.assignment.numpy()
+    coo = to_csr(adj).tocoo()
+    between = sub[coo.row] != sub[coo.col]
+    row, col = sub[coo.row[between]], sub[coo.col[between]]
+    group, shuffled = levels[0].assignment.numpy(), rng.permutation(levels[0].assignment.numpy())
+    cut, random_cut = np.mean(group[row] != group[col]), np.mean(shuffled[row] != shuffled[col])
+    assert cut < 0.5 * random_cut, (cut, random_cut)
+    with pytest.raises(ValueError, match="num_nodes"):
+        token_levels(adj[:100, :100], part, threshold=20)
+
+
+def test_model_partitions_levels_nested_and_contiguous():
+    rng = np.random.default_rng(7)
+    adj = knn_adjacency(rng.random((2000, 2)), 6)
+    parts, levels, perm = model_partitions(adj, [200, 50], threshold=30, group_size=4)
+    assert sorted(perm.tolist()) == list(range(2000)) and [p.num_parts for p in parts] == [200, 50]
+    assert [len(lv) for lv in levels] == [2, 1]                      # 200 -> 50 -> 13, and 50 -> 13
+    for layer, chain in zip(parts, levels):
+        node_group = layer.assignment                                  # node -> token of this layer
+        tokens = layer.num_parts
+        for level in chain:
+            _check_token_level(level, tokens)
+            for members in level.parts():                              # contiguous ascending runs
+                assert members == list(range(members[0], members[0] + len(members)))
+            node_group = level.assignment[node_group]                 # node -> group at this level
+            tokens = level.num_parts
+        assert tokens <= 30
+    # Nesting, node by node: layer 0's first level groups its tokens exactly as layer 1's subgraphs do.
+    assert torch.equal(levels[0][0].assignment[parts[0].assignment], parts[1].assignment)
+    assert torch.equal(levels[0][1].assignment, levels[1][0].assignment)   # one chain above both layers
+    small, small_levels, _ = model_partitions(adj, [20], threshold=30)
+    assert small_levels == [[]] and small[0].num_parts == 20
+
+
+def test_nested_levels_rejects_partitions_that_do_not_nest():
+    fine = Partition.from_assignment(torch.tensor([0, 0, 1, 1, 2, 2]))
+    coarse = Partition.from_assignment(torch.tensor([0, 0, 0, 1, 1, 1]))          # splits fine part 1
+    with pytest.raises(ValueError, match="nested"):
+        nested_levels([fine, coarse])
+    good = nested_levels([fine, Partition.from_assignment(torch.tensor([0, 0, 0, 0, 1, 1]))])
+    assert good[0].parts() == [[0, 1], [2]]
