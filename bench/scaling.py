@@ -2,13 +2,18 @@
 
     python bench/scaling.py                       # CPU or GPU, whichever is here
     python bench/scaling.py --device cuda --n 8600 1000000 --dtype bf16
+    python bench/scaling.py --device cpu --large  # the SBA layer, forward, N = 65,536 .. 1,048,576
 
 For every N and method (see methods.py) it records the median time and the peak memory of
 a forward pass and of forward+backward. A method that runs out of memory or time at some N
 is recorded as such there and not tried at larger N; nothing stops the sweep. Writes under
 ``--out``: ``scaling.csv``, ``scaling.json`` (device, versions, commit, config, copy bandwidth,
 every point, fitted slopes) and log-log ``memory.png`` / ``time.png`` with the slope of each
-method in the legend. On a GPU, the ``intra[...]`` rows also carry the achieved fraction of
+method in the legend. Above ``INTER_THRESHOLD`` subgraphs the SBA layer's inter attention is
+hierarchical; each row records its number of levels (``inter_levels``). ``--large`` is the
+sweep that checks the layer stays linear past that point: ``sba_layer`` and its intra / inter
+split, forward only, up to N = 2^20 (about 10 minutes on 2 CPU cores, most of it building
+the graphs and partitions), written to ``scaling-<device>-large``. On a GPU, the ``intra[...]`` rows also carry the achieved fraction of
 the bandwidth floor (SPEC 5b).
 
 On a CPU each point runs in a fresh process (peak resident memory per point; an address-space
@@ -35,11 +40,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 import methods  # noqa: E402
-from workload import Config, build_partition, make_inputs  # noqa: E402
+from workload import Config, build_layout, make_inputs  # noqa: E402
 
 from sba_kernels import Partition  # noqa: E402
 
 CPU_NS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+LARGE_NS = [65536, 131072, 262144, 524288, 1_048_576]
+LARGE_METHODS = ["sba_layer[{b}]", "sba_layer.intra[{b}]", "sba_layer.inter[{b}]"]
 GPU_NS = [1024, 4096, 8600, 16384, 65536, 262144, 1_000_000, 2_097_152, 4_194_304]
 
 
@@ -52,8 +59,10 @@ def _failure(err: BaseException) -> str:
     return f"error: {type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budget_s: float) -> dict:
-    """Time and memory of method ``name`` at ``num_nodes``. Forward and forward+backward each
+def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budget_s: float,
+              levels: list[Partition]) -> dict:
+    """Time and memory of method ``name`` at ``num_nodes`` (``levels``: the SBA layer's inter
+    attention levels over ``partition``'s subgraphs). Forward and forward+backward each
     get a status ("ok", "oom", "error: ..."): a peer whose backward is unsupported on this
     device still reports its forward. Memory is measured before timing, on a fresh process's
     first calls (on the CPU)."""
@@ -73,7 +82,7 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
 
     phases = [("fwd", forward)] + ([("fwdbwd", forward_backward)] if cfg.backward else [])
     try:
-        fn = methods.registry(cfg.device)[name](q, k, v, partition)
+        fn = methods.registry(cfg.device, levels)[name](q, k, v, partition)
     except Exception as err:   # a peer that cannot be set up here is a row, not a crash
         row["status"] = _failure(err)
         return row
@@ -103,8 +112,9 @@ def _child_main(spec: str) -> None:
     torch.set_num_threads(job.pop("threads"))
     saved = torch.load(job.pop("partition_file"))
     partition = Partition(saved["index"], saved["lengths"])
+    levels = [Partition(index, lengths) for index, lengths in saved["levels"]]
     cfg = Config(**job.pop("config"))
-    print(json.dumps(run_point(job["method"], job["n"], cfg, partition, job["budget_s"])))
+    print(json.dumps(run_point(job["method"], job["n"], cfg, partition, job["budget_s"], levels)))
 
 
 def run_point_in_child(name, num_nodes, cfg, partition_file, args) -> dict:
@@ -136,18 +146,19 @@ def sweep(args, cfg: Config) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(args.n) * len(names), unit="point") as bar:
         for n in args.n:
             bar.set_description(f"N={n}: partitioning")
-            partition = build_partition(n, args.subgraph_size, seed=cfg.seed)
+            partition, levels = build_layout(n, args.subgraph_size, seed=cfg.seed)
             part_file = os.path.join(tmp, f"partition_{n}.pt")
-            torch.save({"index": partition.index, "lengths": partition.lengths}, part_file)
+            torch.save({"index": partition.index, "lengths": partition.lengths,
+                        "levels": [(lv.index, lv.lengths) for lv in levels]}, part_file)
             for name in names:
                 bar.set_description(f"N={n}: {name}")
                 if name in stopped:
                     row = {"method": name, "n": n, "status": f"skipped: {stopped[name]}"}
                 elif cfg.device == "cuda":
-                    row = run_point(name, n, cfg, partition.to("cuda"), args.budget)
+                    row = run_point(name, n, cfg, partition.to("cuda"), args.budget, [lv.to("cuda") for lv in levels])
                 else:
                     row = run_point_in_child(name, n, cfg, part_file, args)
-                row.update(num_parts=partition.num_parts, max_size=partition.max_size)
+                row.update(num_parts=partition.num_parts, max_size=partition.max_size, inter_levels=len(levels))
                 if row["status"] == "ok" and max(row.get("fwd_ms", 0), row.get("fwdbwd_ms", 0)) > 1e3 * args.max_call_s:
                     stopped[name] = f"a call took over {args.max_call_s} s at N={n}"
                 elif row["status"] != "ok" and not row["status"].startswith("skipped"):
@@ -248,7 +259,8 @@ def plot(rows: list[dict], slopes: dict, key_fwd: str, key_bwd: str, ylabel: str
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}: {label}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:                 # a forward-only sweep has nothing in the backward panel
+            ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
@@ -297,14 +309,19 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="default 32 on CPU, 64 on GPU")
     p.add_argument("--subgraph-size", type=int, default=64, help="target nodes per subgraph (P = ceil(N / this))")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on GPU")
-    p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True, help="also time forward+backward")
+    p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time forward+backward (default: yes, but not with --large)")
     p.add_argument("--methods", nargs="+", help="only these methods (names as in the output)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/scaling-<device>)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     p.add_argument("--max-call-s", type=float, default=None, help="stop a method after a call this slow")
     p.add_argument("--memory-cap-gb", type=float, default=12.0, help="CPU: address-space cap per point")
-    p.add_argument("--point-timeout", type=float, default=150.0, help="CPU: seconds before a point is killed")
+    p.add_argument("--point-timeout", type=float, default=None,
+                   help="CPU: seconds before a point is killed (default 150, 900 with --large)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU: torch threads per point")
+    p.add_argument("--large", action="store_true",
+                   help="the large-N sweep of the SBA layer: defaults --n, --methods, --no-backward, --max-call-s, "
+                        "--point-timeout and --out for it (each still overridable)")
     p.add_argument("--point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.point:
@@ -314,7 +331,16 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is visible to torch")
     gpu = device == "cuda"
     args.device = device
+    if args.large:
+        backends = [b for b in methods.registry(device) if b.startswith("intra[")]
+        args.n = args.n or LARGE_NS
+        args.methods = args.methods or [m.format(b=b[len("intra["):-1]) for b in backends for m in LARGE_METHODS]
+        args.max_call_s = args.max_call_s or 60.0
+        args.point_timeout = args.point_timeout or 900.0
+        args.out = args.out or Path(__file__).parent / "results" / f"scaling-{device}-large"
     args.n = sorted(args.n or (GPU_NS if gpu else CPU_NS))
+    args.backward = not args.large if args.backward is None else args.backward
+    args.point_timeout = args.point_timeout or 150.0
     if min(args.n) < 2:
         p.error("--n: node counts must be >= 2")
     args.heads = args.heads or (8 if gpu else 4)
