@@ -10,6 +10,7 @@ from sba_kernels import Partition
 from sba_model import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe, model_partitions,
                        multiscale_partitions, partition_graph, to_csr, token_levels)
 from sba_model.partitioning import hierarchy_parts, nested_levels
+from sba_model import pe as pe_module
 from sba_model.pe import normalized_laplacian
 
 
@@ -239,3 +240,25 @@ def test_nested_levels_rejects_partitions_that_do_not_nest():
         nested_levels([fine, coarse])
     good = nested_levels([fine, Partition.from_assignment(torch.tensor([0, 0, 0, 0, 1, 1]))])
     assert good[0].parts() == [[0, 1], [2]]
+
+
+def test_laplacian_pe_sparse_path_equals_the_dense_solver(monkeypatch):
+    """The shift-invert path, forced on small graphs, gives the dense solver's eigenvectors:
+    the same k-dimensional subspace, and each column up to sign where its eigenvalue is
+    isolated (inside a (near-)degenerate eigenspace a rotation is as right)."""
+    adj = knn_adjacency(np.random.default_rng(10).random((1500, 2)), 6)
+    k = 8
+    exact = laplacian_pe(adj, k).double().numpy()                        # dense path: N <= 2000
+    vals = np.linalg.eigvalsh(normalized_laplacian(adj).toarray())[: k + 2]
+    monkeypatch.setattr(pe_module, "_DENSE_MAX_NODES", 100)
+    fast = laplacian_pe(adj, k).double().numpy()
+    assert vals[k + 1] - vals[k] > 1e-3                                  # the subspace is well defined
+    overlap = exact.T @ fast
+    assert np.allclose(np.linalg.svd(overlap, compute_uv=False), 1, atol=1e-5)
+    gaps = np.minimum(np.diff(vals[: k + 1]), np.diff(vals[1: k + 2]))    # to each column's neighbours
+    isolated = gaps > 1e-4                     # eigenvalues here are about 5e-3 apart from 1e-4 to 2e-3
+    assert isolated.sum() >= k // 2
+    assert np.allclose(np.abs(np.diag(overlap))[isolated], 1, atol=1e-5)
+    # Disconnected, with isolated nodes: several zero eigenvalues, still eigenvectors.
+    parts = [knn_adjacency(np.random.default_rng(i).random((400, 2)), 5) for i in range(3)]
+    _pe_checks(sp.block_diag(parts + [sp.csr_matrix((10, 10))]).tocsr(), 6)

@@ -61,6 +61,8 @@ def test_graph_bias_blocks_and_gradient():
     for p, nodes in enumerate(part.parts()):
         assert np.allclose(blocks[p, : len(nodes), : len(nodes)].numpy(), dense[np.ix_(nodes, nodes)])
         assert torch.all(blocks[p, len(nodes):] == 0)
+    with pytest.raises(ValueError, match="num_nodes"):
+        subgraph_blocks(adj[:50, :50], part)
     layer = SBAttention(16, 2, part, adjacency=adj)
     layer(torch.randn(2, 60, 16)).square().sum().backward()
     grad = layer.intra.node_weight.grad
