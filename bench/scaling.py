@@ -8,7 +8,8 @@ For every N and method (see methods.py) it records the median time and the peak 
 a forward pass and of forward+backward. A method that runs out of memory or time at some N
 is recorded as such there and not tried at larger N; nothing stops the sweep. Writes under
 ``--out``: ``scaling.csv``, ``scaling.json`` (device, versions, commit, config, copy bandwidth,
-every point, fitted slopes) and log-log ``memory.png`` / ``time.png`` with the slope of each
+every point, fitted slopes; on a CPU also each point's process CPU time, ``*_cpu_ms``, which
+other users' load does not stretch) and log-log ``memory.png`` / ``time.png`` with the slope of each
 method in the legend. Above ``INTER_THRESHOLD`` subgraphs the SBA layer's inter attention is
 hierarchical; each row records its number of levels (``inter_levels``). ``--large`` is the
 sweep that checks the layer stays linear past that point: ``sba_layer`` and its intra / inter
@@ -90,7 +91,10 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
         try:
             call()                 # warm-up, shared by both measurements
             row[f"{key}_peak_bytes"] = measure.peak_bytes(call, cfg.device)
-            row[f"{key}_ms"] = measure.median_ms(call, cfg.device, budget_s)
+            if cfg.device == "cuda":
+                row[f"{key}_ms"] = measure.median_ms(call, cfg.device, budget_s)
+            else:
+                row[f"{key}_ms"], row[f"{key}_cpu_ms"] = measure.cpu_medians_ms(call, budget_s)
             row[f"{key}_status"] = "ok"
         except Exception as err:   # OOM, unsupported op, compile failure: recorded per phase
             row.pop(f"{key}_peak_bytes", None)
@@ -181,14 +185,15 @@ def add_bandwidth_fractions(rows: list[dict], cfg: Config, bandwidth: float) -> 
                 row[f"{key}_floor_fraction"] = row[f"{key}_floor_ms"] / row[f"{key}_ms"]
 
 
-def fit_slopes(rows: list[dict]) -> dict:
+def fit_slopes(rows: list[dict], upper_half: bool = True) -> dict:
     """Least-squares slope of log(value) on log(N) per method and measure, over the upper half
-    of the sizes where it ran (small sizes measure fixed overheads, not growth)."""
+    of the sizes where it ran (small sizes measure fixed overheads, not growth), or over all of
+    them (``upper_half=False``: the large sweep, whose sizes are all past the overheads)."""
     slopes: dict = {}
     for name in dict.fromkeys(r["method"] for r in rows):
-        for key in ("fwd_ms", "fwdbwd_ms", "fwd_peak_bytes", "fwdbwd_peak_bytes"):
+        for key in ("fwd_ms", "fwdbwd_ms", "fwd_cpu_ms", "fwdbwd_cpu_ms", "fwd_peak_bytes", "fwdbwd_peak_bytes"):
             pts = [(r["n"], r[key]) for r in rows if r["method"] == name and r.get(key, 0) > 0]
-            if len(pts) >= 4:
+            if upper_half and len(pts) >= 4:
                 pts = pts[len(pts) // 2:]
             if len(pts) >= 2:
                 x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
@@ -285,7 +290,7 @@ def write_outputs(out: Path, rows, slopes, cfg: Config, env: dict, bandwidth) ->
          out / "memory.png")
 
 
-def summary(rows, slopes) -> str:
+def summary(rows, slopes, span: str) -> str:
     lines = [f"{'method':<24}{'N':>10}{'fwd ms':>11}{'f+b ms':>11}{'fwd MiB':>10}{'f+b MiB':>10}  status"]
     for r in rows:
         cells = [f"{r.get(k, float('nan')) / s:>{w}.{p}f}" for k, s, w, p in
@@ -293,7 +298,7 @@ def summary(rows, slopes) -> str:
                   ("fwdbwd_peak_bytes", 2**20, 10, 1))]
         status = r["status"] if r.get("fwdbwd_status", "ok") == "ok" else f"{r['status']}; backward {r['fwdbwd_status']}"
         lines.append(f"{r['method']:<24}{r['n']:>10}{''.join(cells)}  {status}")
-    lines.append("slopes (log-log, upper half of sizes):")
+    lines.append(f"slopes (log-log, {span}):")
     for name, s in slopes.items():
         lines.append(f"  {name:<24}" + "  ".join(f"{k}={v:.2f}" for k, v in s.items()))
     return "\n".join(lines)
@@ -365,9 +370,9 @@ def main(argv=None) -> int:
     rows = sweep(args, cfg)
     if bandwidth:
         add_bandwidth_fractions(rows, cfg, bandwidth)
-    slopes = fit_slopes(rows)
+    slopes = fit_slopes(rows, upper_half=not args.large)
     write_outputs(args.out, rows, slopes, cfg, env, bandwidth)
-    print(summary(rows, slopes))
+    print(summary(rows, slopes, "all sizes" if args.large else "upper half of sizes"))
     print(f"wrote {args.out}/scaling.csv, scaling.json, time.png, memory.png")
     return 0
 
