@@ -9,13 +9,13 @@ a forward pass and of forward+backward. A method that runs out of memory or time
 is recorded as such there and not tried at larger N; nothing stops the sweep. Writes under
 ``--out``: ``scaling.csv``, ``scaling.json`` (device, versions, commit, config, copy bandwidth,
 every point, fitted slopes; on a CPU also each point's process CPU time, ``*_cpu_ms``, which
-other users' load does not stretch) and log-log ``memory.png`` / ``time.png`` with the slope of each
-method in the legend. Above ``INTER_THRESHOLD`` subgraphs the SBA layer's inter attention is
-hierarchical; each row records its number of levels (``inter_levels``). ``--large`` is the
-sweep that checks the layer stays linear past that point: ``sba_layer`` and its intra / inter
-split, forward only, up to N = 2^20 (about 10 minutes on 2 CPU cores, most of it building
-the graphs and partitions), written to ``scaling-<device>-large``. On a GPU, the ``intra[...]`` rows also carry the achieved fraction of
-the bandwidth floor (SPEC 5b).
+other users' load does not stretch) and log-log ``memory.png`` / ``time.png`` with the slope
+of each method in the legend. Above ``INTER_THRESHOLD`` subgraphs the SBA layer's inter
+attention is hierarchical; each row records its number of levels (``inter_levels``).
+``--large`` is the sweep that checks the layer stays linear past that point: ``sba_layer``
+and its intra / inter split, forward only, N = 2^16 .. 2^20 (10 minutes on the shared 2-core
+machine), written to ``scaling-<device>-large``. On a GPU, the ``intra[...]`` rows also carry
+the achieved fraction of the bandwidth floor (SPEC 5b).
 
 On a CPU each point runs in a fresh process (peak resident memory per point; an address-space
 cap turns a runaway allocation into an "oom" row, not a dead machine).

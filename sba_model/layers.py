@@ -1,8 +1,8 @@
 """SBA layers: intra-subgraph attention, inter-subgraph attention, the drop-in `SBAttention`
 and the pre-norm `SBABlock` of S2Transformer.
 
-All layers take node features ``[B, N, D]`` and hold their `Partition`, which follows the
-module across ``.to(device)`` / ``.cuda()``.
+All layers take node features ``[B, N, D]`` and hold their `Partition` (and the inter
+attention its token levels), which follow the module across ``.to(device)`` / ``.cuda()``.
 """
 
 from __future__ import annotations
@@ -139,9 +139,10 @@ class InterAttention(_HoldsPartition):
     """Multi-head attention among pooled subgraph tokens: ``[B, P, D] -> [B, P, D]``.
 
     Without ``levels`` it is dense attention among the P tokens: O(P^2) time. With ``levels``
-    (see `sba_model.token_levels`), it is SBA one level up, recursively: the tokens are split into groups
-    by ``levels[0]``, attend inside their group, and each group's mean token attends (with the
-    same rule, over ``levels[1:]``) among the groups; the group's result is added to its tokens::
+    (`Partition`s of the tokens, from `sba_model.token_levels` or `sba_model.model_partitions`),
+    it is SBA one level up, recursively: the tokens are split into groups by ``levels[0]``,
+    attend inside their group, and each group's mean token attends (by the same rule, over
+    ``levels[1:]``) among the groups; the group's result is added to its tokens::
 
         attend(q, k, v, level) = inter_attention(q, k, v)                       if level is the top
                                = intra_attention(q, k, v, groups)
@@ -187,7 +188,7 @@ class InterAttention(_HoldsPartition):
 
 
 def _resolve_levels(partition: Partition, levels: Optional[Sequence[Partition]], threshold: int,
-                 adjacency=None) -> list[Partition]:
+                    adjacency=None) -> list[Partition]:
     """The levels of the hierarchical inter attention over ``partition``'s P pooled tokens.
 
     ``levels=None``: none when ``P <= threshold`` (dense, exactly as without a hierarchy), else
