@@ -2,7 +2,8 @@
 
 GPU: median of `triton.testing.do_bench` (CUDA events, warm-up first); peak memory is
 ``max_memory_allocated`` after a reset, minus what was allocated before the call.
-CPU: median wall time of repeated calls after a warm-up; peak memory is the process's peak
+CPU: median wall time of repeated calls after a warm-up (and their median process CPU time,
+steadier on a shared machine); peak memory is the process's peak
 resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before
 the call. CPU points run in a fresh process each (see scaling.py), so one point's allocator
 cache cannot hide another's.
@@ -59,13 +60,20 @@ def median_ms(fn: Callable[[], object], device: str, budget_s: float) -> float:
 
         return float(triton.testing.do_bench(fn, warmup=max(1, int(budget_s * 250)), rep=max(1, int(budget_s * 1000)),
                                              return_mode="median"))
-    times, spent = [], 0.0
-    while not times or (spent < budget_s and len(times) < 50):
-        start = time.perf_counter()
+    return cpu_medians_ms(fn, budget_s)[0]
+
+
+def cpu_medians_ms(fn: Callable[[], object], budget_s: float) -> tuple[float, float]:
+    """CPU: median wall milliseconds and median process CPU milliseconds (all threads) per call,
+    over the same calls. Other users' load on a shared machine stretches the wall time but not
+    the CPU time, so the CPU time is the steadier measure of the work done."""
+    wall, cpu = [], []
+    while not wall or (sum(wall) < budget_s and len(wall) < 50):
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-        spent += times[-1]
-    return 1e3 * statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:

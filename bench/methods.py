@@ -9,14 +9,18 @@ Same work as SBA's intra-subgraph attention (block-diagonal attention):
   ``flex_document``     FlexAttention with a document BlockMask, compiled
 What SBA replaces and what a user runs:
   ``sdpa_full``         SDPA over all N tokens (full attention)
-  ``sba_layer[<backend>]``  the SBAttention layer (projections, intra, pooling, inter)
+  ``sba_layer[<backend>]``  the SBAttention layer (projections, intra, pooling, inter; the inter
+                        attention hierarchical above ``INTER_THRESHOLD`` subgraphs)
   ``layer_projections``  only the layer's two N-token Linear maps (qkv, then the output
                         projection of q's part): what ``sba_layer`` costs besides attention
+and the layer's time split in two:
+  ``sba_layer.intra[<backend>]``  its intra path: projections, intra attention, pooling
+  ``sba_layer.inter[<backend>]``  its inter path on the pooled tokens, broadcast back to the nodes
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +42,31 @@ def intra(backend: str):
     return build
 
 
-def sba_layer(backend: str):
+def _layer(q: torch.Tensor, partition: Partition, levels: Sequence[Partition], backend: str) -> SBAttention:
+    B, N, H, d = q.shape
+    return SBAttention(H * d, H, partition, backend=backend, inter_levels=levels).to(q.device, q.dtype)
+
+
+def sba_layer(backend: str, levels: Sequence[Partition]):
     def build(q, k, v, partition: Partition) -> Method:
-        B, N, H, d = q.shape
-        layer = SBAttention(H * d, H, partition, backend=backend).to(q.device, q.dtype)
-        return lambda q, k, v: layer(q.reshape(B, N, H * d)).view(B, N, H, d)
+        layer = _layer(q, partition, levels, backend)
+        return lambda q, k, v: layer(q.flatten(2)).view(q.shape)
+    return build
+
+
+def sba_layer_intra(backend: str, levels: Sequence[Partition]):
+    def build(q, k, v, partition: Partition) -> Method:
+        layer = _layer(q, partition, levels, backend)
+        return lambda q, k, v: layer.intra.forward_pooled(q.flatten(2))[0].view(q.shape)
+    return build
+
+
+def sba_layer_inter(backend: str, levels: Sequence[Partition]):
+    def build(q, k, v, partition: Partition) -> Method:
+        layer = _layer(q, partition, levels, backend)
+        # The pooled tokens are made once, outside the timed call: the intra path pools.
+        z = sk.segment_mean(q.detach().flatten(2), partition).requires_grad_(q.requires_grad)
+        return lambda q, k, v: layer.inter(z)[:, partition.assignment].view(q.shape)
     return build
 
 
@@ -99,15 +123,18 @@ def flex_document(q, k, v, partition: Partition) -> Method:
     return lambda q, k, v: _bhnd(compiled(_bhnd(q), _bhnd(k), _bhnd(v), block_mask=mask))
 
 
-def registry(device: str) -> dict[str, Callable]:
+def registry(device: str, levels: Sequence[Partition] = ()) -> dict[str, Callable]:
     """Method name -> builder, for the backends usable on ``device`` (the Triton interpreter
-    is never timed: on the CPU only the torch and sdpa backends run)."""
+    is never timed: on the CPU only the torch and sdpa backends run). ``levels``: the SBA layer's
+    inter attention levels for this size's partition (`workload.build_layout`)."""
     backends = [b for b in sk.available_backends() if device == "cuda" or b in ("torch", "sdpa")]
     methods: dict[str, Callable] = {}
     for b in backends:
         methods[f"intra[{b}]"] = intra(b)
     for b in backends:
-        methods[f"sba_layer[{b}]"] = sba_layer(b)
+        methods[f"sba_layer[{b}]"] = sba_layer(b, levels)
+        methods[f"sba_layer.intra[{b}]"] = sba_layer_intra(b, levels)
+        methods[f"sba_layer.inter[{b}]"] = sba_layer_inter(b, levels)
     methods["layer_projections"] = layer_projections
     methods.update(sdpa_full=sdpa_full, sdpa_dense_mask=sdpa_dense_mask, sdpa_padded=sdpa_padded,
                    flex_document=flex_document)

@@ -2,15 +2,21 @@
 
     python bench/scaling.py                       # CPU or GPU, whichever is here
     python bench/scaling.py --device cuda --n 8600 1000000 --dtype bf16
+    python bench/scaling.py --device cpu --large  # the SBA layer, forward, N = 65,536 .. 1,048,576
 
 For every N and method (see methods.py) it records the median time and the peak memory of
 a forward pass and of forward+backward. A method that runs out of memory or time at some N
 is recorded as such there and not tried at larger N; nothing stops the sweep. Writes under
 ``--out``, rewritten after every point so that a killed run keeps what it measured:
 ``scaling.csv``, ``scaling.json`` (device, versions, commit, config, copy bandwidth,
-every point, fitted slopes) and log-log ``memory.png`` / ``time.png`` with the slope of each
-method in the legend. On a GPU, the ``intra[...]`` rows also carry the achieved fraction of
-the bandwidth floor (SPEC 5b).
+every point, fitted slopes; on a CPU also each point's process CPU time, ``*_cpu_ms``, which
+other users' load does not stretch) and log-log ``memory.png`` / ``time.png`` with the slope
+of each method in the legend. Above ``INTER_THRESHOLD`` subgraphs the SBA layer's inter
+attention is hierarchical; each row records its number of levels (``inter_levels``).
+``--large`` is the sweep that checks the layer stays linear past that point: ``sba_layer``
+and its intra / inter split, forward only, N = 2^16 .. 2^20 (10 minutes on the shared 2-core
+machine), written to ``scaling-<device>-large``. On a GPU, the ``intra[...]`` rows also carry
+the achieved fraction of the bandwidth floor (SPEC 5b).
 
 On a CPU each point runs in a fresh process (peak resident memory per point; an address-space
 cap turns a runaway allocation into an "oom" row, not a dead machine).
@@ -36,11 +42,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 import methods  # noqa: E402
-from workload import Config, build_partition, make_inputs  # noqa: E402
+from workload import Config, build_layout, make_inputs  # noqa: E402
 
 from sba_kernels import Partition  # noqa: E402
 
 CPU_NS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+LARGE_NS = [65536, 131072, 262144, 524288, 1_048_576]
+LARGE_METHODS = ["sba_layer[{b}]", "sba_layer.intra[{b}]", "sba_layer.inter[{b}]"]
 GPU_NS = [1024, 4096, 8600, 16384, 65536, 262144, 1_000_000, 2_097_152, 4_194_304]
 
 
@@ -53,8 +61,10 @@ def _failure(err: BaseException) -> str:
     return f"error: {type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budget_s: float) -> dict:
-    """Time and memory of method ``name`` at ``num_nodes``. Forward and forward+backward each
+def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budget_s: float,
+              levels: list[Partition]) -> dict:
+    """Time and memory of method ``name`` at ``num_nodes`` (``levels``: the SBA layer's inter
+    attention levels over ``partition``'s subgraphs). Forward and forward+backward each
     get a status ("ok", "oom", "error: ..."): a peer whose backward is unsupported on this
     device still reports its forward. Memory is measured before timing, on a fresh process's
     first calls (on the CPU)."""
@@ -74,7 +84,7 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
 
     phases = [("fwd", forward)] + ([("fwdbwd", forward_backward)] if cfg.backward else [])
     try:
-        fn = methods.registry(cfg.device)[name](q, k, v, partition)
+        fn = methods.registry(cfg.device, levels)[name](q, k, v, partition)
     except Exception as err:   # a peer that cannot be set up here is a row, not a crash
         row["status"] = _failure(err)
         return row
@@ -82,7 +92,10 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
         try:
             call()                 # warm-up, shared by both measurements
             row[f"{key}_peak_bytes"] = measure.peak_bytes(call, cfg.device)
-            row[f"{key}_ms"] = measure.median_ms(call, cfg.device, budget_s)
+            if cfg.device == "cuda":
+                row[f"{key}_ms"] = measure.median_ms(call, cfg.device, budget_s)
+            else:
+                row[f"{key}_ms"], row[f"{key}_cpu_ms"] = measure.cpu_medians_ms(call, budget_s)
             row[f"{key}_status"] = "ok"
         except Exception as err:   # OOM, unsupported op, compile failure: recorded per phase
             row.pop(f"{key}_peak_bytes", None)
@@ -104,8 +117,9 @@ def _child_main(spec: str) -> None:
     torch.set_num_threads(job.pop("threads"))
     saved = torch.load(job.pop("partition_file"))
     partition = Partition(saved["index"], saved["lengths"])
+    levels = [Partition(index, lengths) for index, lengths in saved["levels"]]
     cfg = Config(**job.pop("config"))
-    print(json.dumps(run_point(job["method"], job["n"], cfg, partition, job["budget_s"])))
+    print(json.dumps(run_point(job["method"], job["n"], cfg, partition, job["budget_s"], levels)))
 
 
 def run_point_in_child(name, num_nodes, cfg, partition_file, args) -> dict:
@@ -162,24 +176,27 @@ class _Progress:
 
 def sweep(args, cfg: Config, on_point=lambda rows: None) -> list[dict]:
     """Every (N, method) point; ``on_point(rows)`` after each, so a killed run keeps its points."""
-    names = [m for m in methods.registry(cfg.device) if not args.methods or m in args.methods]
+    # The layer's intra / inter split runs when named (and in --large): the default sweep keeps its length.
+    names = [m for m in methods.registry(cfg.device)
+             if (m in args.methods if args.methods else not m.startswith("sba_layer."))]
     stopped: dict[str, str] = {}       # method -> why it is not tried at larger N
     rows = []
     with tempfile.TemporaryDirectory() as tmp, _Progress(len(args.n) * len(names)) as bar:
         for n in args.n:
             bar.set_description(f"N={n}: partitioning")
-            partition = build_partition(n, args.subgraph_size, seed=cfg.seed)
+            partition, levels = build_layout(n, args.subgraph_size, seed=cfg.seed)
             part_file = os.path.join(tmp, f"partition_{n}.pt")
-            torch.save({"index": partition.index, "lengths": partition.lengths}, part_file)
+            torch.save({"index": partition.index, "lengths": partition.lengths,
+                        "levels": [(lv.index, lv.lengths) for lv in levels]}, part_file)
             for name in names:
                 bar.set_description(f"N={n}: {name}")
                 if name in stopped:
                     row = {"method": name, "n": n, "status": f"skipped: {stopped[name]}"}
                 elif cfg.device == "cuda":
-                    row = run_point(name, n, cfg, partition.to("cuda"), args.budget)
+                    row = run_point(name, n, cfg, partition.to("cuda"), args.budget, [lv.to("cuda") for lv in levels])
                 else:
                     row = run_point_in_child(name, n, cfg, part_file, args)
-                row.update(num_parts=partition.num_parts, max_size=partition.max_size)
+                row.update(num_parts=partition.num_parts, max_size=partition.max_size, inter_levels=len(levels))
                 if row["status"] == "ok" and max(row.get("fwd_ms", 0), row.get("fwdbwd_ms", 0)) > 1e3 * args.max_call_s:
                     stopped[name] = f"a call took over {args.max_call_s} s at N={n}"
                 elif row["status"] != "ok" and not row["status"].startswith("skipped"):
@@ -203,14 +220,15 @@ def add_bandwidth_fractions(rows: list[dict], cfg: Config, bandwidth: float) -> 
                 row[f"{key}_floor_fraction"] = row[f"{key}_floor_ms"] / row[f"{key}_ms"]
 
 
-def fit_slopes(rows: list[dict]) -> dict:
+def fit_slopes(rows: list[dict], upper_half: bool = True) -> dict:
     """Least-squares slope of log(value) on log(N) per method and measure, over the upper half
-    of the sizes where it ran (small sizes measure fixed overheads, not growth)."""
+    of the sizes where it ran (small sizes measure fixed overheads, not growth), or over all of
+    them (``upper_half=False``: the large sweep, whose sizes are all past the overheads)."""
     slopes: dict = {}
     for name in dict.fromkeys(r["method"] for r in rows):
-        for key in ("fwd_ms", "fwdbwd_ms", "fwd_peak_bytes", "fwdbwd_peak_bytes"):
+        for key in ("fwd_ms", "fwdbwd_ms", "fwd_cpu_ms", "fwdbwd_cpu_ms", "fwd_peak_bytes", "fwdbwd_peak_bytes"):
             pts = [(r["n"], r[key]) for r in rows if r["method"] == name and r.get(key, 0) > 0]
-            if len(pts) >= 4:
+            if upper_half and len(pts) >= 4:
                 pts = pts[len(pts) // 2:]
             if len(pts) >= 2:
                 x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
@@ -285,7 +303,8 @@ def plot(rows: list[dict], slopes: dict, key_fwd: str, key_bwd: str, ylabel: str
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}: {label}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:                 # a forward-only sweep has nothing in the backward panel
+            ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
@@ -312,7 +331,7 @@ def write_outputs(out: Path, rows, slopes, cfg: Config, env: dict, bandwidth, pl
          out / "memory.png")
 
 
-def summary(rows, slopes) -> str:
+def summary(rows, slopes, span: str) -> str:
     lines = [f"{'method':<24}{'N':>10}{'fwd ms':>11}{'f+b ms':>11}{'fwd MiB':>10}{'f+b MiB':>10}  status"]
     for r in rows:
         cells = [f"{r.get(k, float('nan')) / s:>{w}.{p}f}" for k, s, w, p in
@@ -320,7 +339,7 @@ def summary(rows, slopes) -> str:
                   ("fwdbwd_peak_bytes", 2**20, 10, 1))]
         status = r["status"] if r.get("fwdbwd_status", "ok") == "ok" else f"{r['status']}; backward {r['fwdbwd_status']}"
         lines.append(f"{r['method']:<24}{r['n']:>10}{''.join(cells)}  {status}")
-    lines.append("slopes (log-log, upper half of sizes):")
+    lines.append(f"slopes (log-log, {span}):")
     for name, s in slopes.items():
         lines.append(f"  {name:<24}" + "  ".join(f"{k}={v:.2f}" for k, v in s.items()))
     return "\n".join(lines)
@@ -336,14 +355,19 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="default 32 on CPU, 64 on GPU")
     p.add_argument("--subgraph-size", type=int, default=64, help="target nodes per subgraph (P = ceil(N / this))")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on GPU")
-    p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True, help="also time forward+backward")
+    p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time forward+backward (default: yes, but not with --large)")
     p.add_argument("--methods", nargs="+", help="only these methods (names as in the output)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/scaling-<device>)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     p.add_argument("--max-call-s", type=float, default=None, help="stop a method after a call this slow")
     p.add_argument("--memory-cap-gb", type=float, default=12.0, help="CPU: address-space cap per point")
-    p.add_argument("--point-timeout", type=float, default=150.0, help="CPU: seconds before a point is killed")
+    p.add_argument("--point-timeout", type=float, default=None,
+                   help="CPU: seconds before a point is killed (default 150, 900 with --large)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU: torch threads per point")
+    p.add_argument("--large", action="store_true",
+                   help="the large-N sweep of the SBA layer: defaults --n, --methods, --no-backward, --max-call-s, "
+                        "--point-timeout and --out for it (each still overridable)")
     p.add_argument("--point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.point:
@@ -353,7 +377,16 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is visible to torch")
     gpu = device == "cuda"
     args.device = device
+    if args.large:
+        backends = [b for b in methods.registry(device) if b.startswith("intra[")]
+        args.n = args.n or LARGE_NS
+        args.methods = args.methods or [m.format(b=b[len("intra["):-1]) for b in backends for m in LARGE_METHODS]
+        args.max_call_s = args.max_call_s or 60.0
+        args.point_timeout = args.point_timeout or 900.0
+        args.out = args.out or Path(__file__).parent / "results" / f"scaling-{device}-large"
     args.n = sorted(args.n or (GPU_NS if gpu else CPU_NS))
+    args.backward = not args.large if args.backward is None else args.backward
+    args.point_timeout = args.point_timeout or 150.0
     if min(args.n) < 2:
         p.error("--n: node counts must be >= 2")
     args.heads = args.heads or (8 if gpu else 4)
@@ -378,9 +411,9 @@ def main(argv=None) -> int:
     rows = sweep(args, cfg, on_point=lambda rows: write_outputs(args.out, rows, {}, cfg, env, bandwidth, plots=False))
     if bandwidth:
         add_bandwidth_fractions(rows, cfg, bandwidth)
-    slopes = fit_slopes(rows)
+    slopes = fit_slopes(rows, upper_half=not args.large)
     write_outputs(args.out, rows, slopes, cfg, env, bandwidth)
-    print(summary(rows, slopes))
+    print(summary(rows, slopes, "all sizes" if args.large else "upper half of sizes"))
     print(f"wrote {args.out}/scaling.csv, scaling.json, time.png, memory.png")
     return 0
 

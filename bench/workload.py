@@ -3,7 +3,9 @@
 Nodes are random points in the unit square joined to their 8 nearest neighbours (a road
 network's degree); METIS splits them into ``ceil(N / subgraph_size)`` parts, and nodes are
 renumbered so each part is a contiguous run, as `SBATransformer` does. That order is what
-the peers see too, so FlexAttention's block mask is as sparse as it can be.
+the peers see too, so FlexAttention's block mask is as sparse as it can be. Above
+``INTER_THRESHOLD`` parts, the SBA layer's hierarchical inter attention gets its token levels
+from the same nested chain (`sba_model.model_partitions`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from sba_kernels import Partition
-from sba_model import knn_adjacency, multiscale_partitions
+from sba_model import knn_adjacency, model_partitions
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,18 @@ class Config:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
-def build_partition(num_nodes: int, subgraph_size: int, seed: int = 0) -> Partition:
-    """METIS partition of a k-NN graph on random points, nodes renumbered so parts are contiguous."""
+def build_layout(num_nodes: int, subgraph_size: int, seed: int = 0) -> tuple[Partition, list[Partition]]:
+    """METIS partition of a k-NN graph on random points, nodes renumbered so parts are contiguous,
+    and the inter attention's token levels over its parts (empty up to ``INTER_THRESHOLD`` parts)."""
     points = np.random.default_rng(seed).random((num_nodes, 2))
     adjacency = knn_adjacency(points, k=min(8, num_nodes - 1))
-    parts, _ = multiscale_partitions(adjacency, [max(1, math.ceil(num_nodes / subgraph_size))], seed=seed)
-    return parts[0]
+    parts, levels, _ = model_partitions(adjacency, [max(1, math.ceil(num_nodes / subgraph_size))], seed=seed)
+    return parts[0], levels[0]
+
+
+def build_partition(num_nodes: int, subgraph_size: int, seed: int = 0) -> Partition:
+    """The node partition of `build_layout`."""
+    return build_layout(num_nodes, subgraph_size, seed)[0]
 
 
 def make_inputs(num_nodes: int, cfg: Config, *, requires_grad: bool) -> tuple[torch.Tensor, ...]:

@@ -294,7 +294,7 @@ def _run_shard(archs: list[int], shard: int, shards: int, out: Path) -> None:
             f.flush()
 
 
-def compile_all(archs=(90, 80), workers: int = 2, timeout: float = 1800) -> list[CompileReport]:
+def compile_all(archs=(90, 80), workers: int = 2, timeout: Optional[float] = None) -> list[CompileReport]:
     """Every launch configuration compiled for every arch, over ``workers`` processes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # the default, said out loud (triton 3.9 warns)
@@ -308,11 +308,15 @@ def compile_all(archs=(90, 80), workers: int = 2, timeout: float = 1800) -> list
                    "--shard", f"{shard}/{workers}", "--json", str(out)]
             procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
         reports = []
-        for proc, out in procs:
-            _, err = proc.communicate(timeout=timeout)
-            if proc.returncode != 0:
-                raise RuntimeError(f"triton_aot worker failed ({proc.returncode}):\n{err[-4000:]}")
-            reports += [CompileReport(**json.loads(line)) for line in out.read_text().splitlines()]
+        try:
+            for proc, out in procs:
+                _, err = proc.communicate(timeout=timeout)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"triton_aot worker failed ({proc.returncode}):\n{err[-4000:]}")
+                reports += [CompileReport(**json.loads(line)) for line in out.read_text().splitlines()]
+        finally:       # a timeout or a failed worker: stop the others too
+            for proc, _ in procs:
+                proc.kill()
     return reports
 
 

@@ -1,13 +1,13 @@
 """SBA layers: intra-subgraph attention, inter-subgraph attention, the drop-in `SBAttention`
 and the pre-norm `SBABlock` of S2Transformer.
 
-All layers take node features ``[B, N, D]`` and hold their `Partition`, which follows the
-module across ``.to(device)`` / ``.cuda()``.
+All layers take node features ``[B, N, D]`` and hold their `Partition` (and the inter
+attention its token levels), which follow the module across ``.to(device)`` / ``.cuda()``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import sba_kernels as sk
 from sba_kernels import Partition
 
 from .adjacency import to_csr
+from .partitioning import INTER_THRESHOLD, _check_num_parts, token_levels
 
 __all__ = ["IntraAttention", "InterAttention", "SBAttention", "SBABlock"]
 
@@ -29,33 +30,55 @@ def _head_dim(embed_dim: int, num_heads: int) -> int:
 
 def subgraph_blocks(adjacency, partition: Partition) -> torch.Tensor:
     """Each subgraph's block of the weighted adjacency, in slot order: float32 ``[P, M, M]``,
-    diagonal 1 on real slots, 0 on padding."""
-    a = to_csr(adjacency).tolil()
-    a.setdiag(1.0)
-    a = a.tocsr()
+    diagonal 1 on real slots, 0 on padding.
+
+    One scatter of the edges that stay inside a subgraph (no loop over subgraphs): O(E) work
+    besides zeroing the ``P * M * M`` output.
+    """
+    a = to_csr(adjacency).tocoo()             # no diagonal: it is set to 1 below
+    if a.shape[0] != partition.num_nodes:
+        raise ValueError(f"adjacency has {a.shape[0]} nodes but partition has num_nodes={partition.num_nodes}")
+    index = partition.index.cpu().numpy()
+    part, slot = np.nonzero(index >= 0)       # [real slots]: subgraph and slot of index[part, slot]
+    node = index[part, slot]
+    part_of, slot_of = np.empty_like(node), np.empty_like(node)
+    part_of[node], slot_of[node] = part, slot
+    inside = part_of[a.row] == part_of[a.col]
     out = np.zeros((partition.num_parts, partition.max_size, partition.max_size), dtype=np.float32)
-    for p, nodes in enumerate(partition.parts()):
-        out[p, : len(nodes), : len(nodes)] = a[nodes][:, nodes].toarray()
+    out[part_of[a.row[inside]], slot_of[a.row[inside]], slot_of[a.col[inside]]] = a.data[inside]
+    out[part, slot, slot] = 1.0
     return torch.from_numpy(out)
 
 
-class _HoldsPartition(nn.Module):
-    """Keeps ``self.partition`` on the module's device: ``.to()``/``.cuda()`` move it too.
+def _built(partition: Partition, name: str) -> Partition:
+    if not isinstance(partition, Partition):
+        raise TypeError(f"{name} must be a sba_kernels.Partition, got {type(partition).__name__}")
+    partition.assignment  # built now, only read later
+    return partition
 
-    The partition's ``assignment`` is built here, eagerly, so that a torch.compile trace of
-    ``forward`` only reads it (building it is data-dependent indexing).
+
+class _HoldsPartition(nn.Module):
+    """Keeps the module's `Partition`s on its device: ``.to()``/``.cuda()`` move them too.
+
+    ``_held`` names the attributes holding one `Partition` or a list of them. Each partition's
+    ``assignment`` is built here, eagerly, so that a torch.compile trace of ``forward`` only
+    reads it (building it is data-dependent indexing).
     """
 
+    _held = ("partition",)
+
     def _hold(self, partition: Partition) -> None:
-        if not isinstance(partition, Partition):
-            raise TypeError(f"partition must be a sba_kernels.Partition, got {type(partition).__name__}")
-        partition.assignment  # built now, only read later
-        self.partition = partition
+        self.partition = _built(partition, "partition")
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        target = fn(self.partition.index[:0]).device    # an empty slice: where fn sends tensors, no copy
-        self.partition = self.partition.to(target)
+
+        def move(p: Partition) -> Partition:   # an empty slice: where fn sends tensors, no copy
+            return p.to(fn(p.index[:0]).device)
+
+        for name in self._held:
+            held = getattr(self, name)
+            setattr(self, name, [move(p) for p in held] if isinstance(held, list) else move(held))
         return out
 
 
@@ -112,20 +135,90 @@ class IntraAttention(_HoldsPartition):
         return self.proj(o.flatten(2)), self.proj(z.flatten(2))
 
 
-class InterAttention(nn.Module):
-    """Multi-head dense attention among pooled subgraph tokens: ``[B, P, D] -> [B, P, D]``."""
+class InterAttention(_HoldsPartition):
+    """Multi-head attention among pooled subgraph tokens: ``[B, P, D] -> [B, P, D]``.
 
-    def __init__(self, embed_dim: int, num_heads: int, *, backend: str = "auto"):
+    Without ``levels`` it is dense attention among the P tokens: O(P^2) time. With ``levels``
+    (`Partition`s of the tokens, from `sba_model.token_levels` or `sba_model.model_partitions`),
+    it is SBA one level up, recursively: the tokens are split into groups by ``levels[0]``,
+    attend inside their group, and each group's mean token attends (by the same rule, over
+    ``levels[1:]``) among the groups; the group's result is added to its tokens::
+
+        attend(q, k, v, level) = inter_attention(q, k, v)                       if level is the top
+                               = intra_attention(q, k, v, groups)
+                                 + attend(mean q, mean k, mean v, level + 1)[group of each token]
+
+    (the mean of the projected tokens is the projection of the mean token, the projections being
+    affine, so a group token is the group's pooled token, as in `SBAttention`). Time is
+    O(P * g) per level for groups of about g tokens plus O(T^2) at a top level of T tokens,
+    i.e. linear in P. It approximates dense attention: a token sees its own group's tokens one
+    by one and the others only through group means. The levels add no parameters.
+    """
+
+    _held = ("levels",)
+
+    def __init__(self, embed_dim: int, num_heads: int, *, backend: str = "auto", levels: Sequence[Partition] = ()):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, _head_dim(embed_dim, num_heads)
         self.backend = backend
+        self.levels = [_built(p, f"levels[{i}]") for i, p in enumerate(levels)]
+        for i, (low, high) in enumerate(zip(self.levels, self.levels[1:])):
+            if high.num_nodes != low.num_parts:
+                raise ValueError(f"levels[{i + 1}] must group the {low.num_parts} groups of levels[{i}], "
+                                 f"got num_nodes={high.num_nodes}")
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, P, D = z.shape
-        q, k, v = self.qkv(z).view(B, P, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.proj(sk.inter_attention(q, k, v, backend=self.backend).reshape(B, P, D))
+        if self.levels and P != self.levels[0].num_nodes:
+            raise ValueError(f"z must be [B, P={self.levels[0].num_nodes}, D] to match levels[0], got {tuple(z.shape)}")
+        return self.proj(self._attend(self.qkv(z), 0).reshape(B, P, D))
+
+    def _attend(self, qkv: torch.Tensor, level: int) -> torch.Tensor:
+        """Packed ``qkv`` ``[B, T, 3 * D]`` of level ``level``'s T tokens -> ``[B, T, H, d]``."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        if level == len(self.levels):
+            return sk.inter_attention(q, k, v, backend=self.backend)
+        groups = self.levels[level]
+        local = sk.intra_attention(q, k, v, groups, backend=self.backend)
+        far = self._attend(sk.segment_mean(qkv, groups, backend=self.backend), level + 1)
+        return local + far[:, groups.assignment]
+
+
+def _resolve_levels(partition: Partition, levels: Optional[Sequence[Partition]], threshold: int,
+                    adjacency=None) -> list[Partition]:
+    """The levels of the hierarchical inter attention over ``partition``'s P pooled tokens.
+
+    ``levels=None``: none when ``P <= threshold`` (dense, exactly as without a hierarchy), else
+    `sba_model.token_levels` on ``adjacency``. Given levels are checked: they must start at the
+    P tokens, chain (each groups the previous level's groups), leave a top level of at most
+    ``threshold`` tokens, and every level must hold more than ``threshold`` tokens, so that at or
+    below the threshold the attention stays dense.
+    """
+    threshold = _check_num_parts(threshold, "inter_threshold")
+    P = partition.num_parts
+    if levels is None:
+        if P <= threshold:
+            return []
+        if adjacency is None:
+            raise ValueError(f"adjacency (or inter_levels) is needed: the partition has P={P} subgraphs, more than "
+                             f"inter_threshold={threshold}, and its pooled tokens are grouped on the graph")
+        return token_levels(adjacency, partition, threshold=threshold)
+    levels = list(levels)
+    tokens = P
+    for i, level in enumerate(levels):
+        _built(level, f"inter_levels[{i}]")
+        if level.num_nodes != tokens:
+            raise ValueError(f"inter_levels[{i}] must group {tokens} tokens, got num_nodes={level.num_nodes}")
+        if tokens <= threshold:
+            raise ValueError(f"inter_levels[{i}] groups {tokens} tokens, not more than inter_threshold={threshold}: "
+                             "at or below the threshold the inter attention is dense")
+        tokens = level.num_parts
+    if tokens > threshold:
+        raise ValueError(f"inter_levels leave {tokens} tokens at the top, more than inter_threshold={threshold}")
+    return levels
 
 
 class SBAttention(_HoldsPartition):
@@ -133,14 +226,24 @@ class SBAttention(_HoldsPartition):
 
     ``h = IntraAttn(x)``; each subgraph's mean of ``h`` attends to every other subgraph's;
     the result is broadcast back to the subgraph's nodes and added: ``out = h + g[assignment]``.
-    Cost is linear in N for a fixed subgraph size.
+
+    Cost, for N nodes in P subgraphs of at most M nodes: the intra attention is O(N * M); the
+    inter attention is dense, O(P^2), while ``P <= inter_threshold``, and hierarchical above it
+    (see `InterAttention`: O(P * g) per level, at most ``inter_threshold^2`` at the top), so the
+    layer is linear in N for a fixed M at every N. Above the threshold the inter attention is an
+    approximation of the dense one (a subgraph sees far subgraphs through group means); at or
+    below it the layer is exactly the dense SBA layer.
 
     Args:
         embed_dim: D. num_heads: H (D divisible by H).
         partition: a `Partition` of the N nodes (e.g. from `sba_model.partition_graph`).
         dropout: dropout on the layer's output.
         backend: kernel backend for the ops (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
-        adjacency: optional graph; adds the learnable graph bias to intra attention.
+        adjacency: optional graph; adds the learnable graph bias to intra attention, and groups
+            the pooled tokens when ``P > inter_threshold`` and ``inter_levels`` is not given.
+        inter_threshold: the most pooled tokens attended densely.
+        inter_levels: the hierarchy's token levels (`sba_model.token_levels`,
+            `sba_model.model_partitions`); by default built from ``adjacency`` when needed.
 
     Example:
         >>> part = sba_model.partition_graph(adj, num_parts=64)
@@ -149,11 +252,13 @@ class SBAttention(_HoldsPartition):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, partition: Partition, *, dropout: float = 0.0,
-                 backend: str = "auto", adjacency=None):
+                 backend: str = "auto", adjacency=None, inter_threshold: int = INTER_THRESHOLD,
+                 inter_levels: Optional[Sequence[Partition]] = None):
         super().__init__()
         self._hold(partition)
         self.intra = IntraAttention(embed_dim, num_heads, partition, adjacency=adjacency, backend=backend)
-        self.inter = InterAttention(embed_dim, num_heads, backend=backend)
+        self.inter = InterAttention(embed_dim, num_heads, backend=backend,
+                                    levels=_resolve_levels(partition, inter_levels, inter_threshold, adjacency))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,10 +284,13 @@ class SBABlock(_HoldsPartition):
         out = h + ReLU(W_node h + W_sub z[assignment])
 
     ``inter=False`` drops the inter-subgraph path (``out = h``), for the ablation.
+    ``inter_threshold`` and ``inter_levels``: the hierarchical InterAttn above the threshold,
+    as in `SBAttention`.
     """
 
     def __init__(self, dim: int, num_heads: int, partition: Partition, *, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, backend: str = "auto", adjacency=None, inter: bool = True):
+                 dropout: float = 0.0, backend: str = "auto", adjacency=None, inter: bool = True,
+                 inter_threshold: int = INTER_THRESHOLD, inter_levels: Optional[Sequence[Partition]] = None):
         super().__init__()
         self._hold(partition)
         self.backend = backend
@@ -193,7 +301,8 @@ class SBABlock(_HoldsPartition):
         self.has_inter = inter
         if inter:
             self.norm_z1, self.norm_z2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-            self.inter = InterAttention(dim, num_heads, backend=backend)
+            self.inter = InterAttention(dim, num_heads, backend=backend,
+                                        levels=_resolve_levels(partition, inter_levels, inter_threshold, adjacency))
             self.mlp_z = _mlp(dim, mlp_ratio, dropout)
             self.node_proj = nn.Linear(dim, dim)
             self.sub_proj = nn.Linear(dim, dim, bias=False)

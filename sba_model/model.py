@@ -11,7 +11,7 @@ from sba_kernels import Partition
 
 from .adjacency import to_csr
 from .layers import SBABlock
-from .partitioning import multiscale_partitions
+from .partitioning import INTER_THRESHOLD, model_partitions
 from .pe import laplacian_pe
 
 __all__ = ["SBATransformer"]
@@ -37,6 +37,11 @@ class SBATransformer(nn.Module):
             with it and outputs restored, so callers use their own node order.
         adjacency: optional graph (internal order) for the learnable intra-subgraph bias.
         inter: keep the inter-subgraph path (False for the ablation).
+        inter_threshold: the most pooled tokens a layer's inter attention attends densely;
+            above it the attention is hierarchical (see `SBAttention`).
+        inter_levels: optional, one list of token-level `Partition`s per layer (empty for a
+            layer at or below the threshold), e.g. from `sba_model.model_partitions`; by default
+            built from ``adjacency`` for the layers that need them.
         last_value_residual: predict the change from the last input step (needs C_out <= C):
             ``y = head(...) + x[:, -1:, :, :C_out]``. Short horizons are mostly persistence, which a
             flattened-history embedding reproduces poorly; with this the model learns deviations.
@@ -49,7 +54,8 @@ class SBATransformer(nn.Module):
                  dropout: float = 0.0, backend: str = "auto", pe: Optional[torch.Tensor] = None,
                  steps_per_day: Optional[int] = None, day_of_week: bool = False,
                  perm: Optional[torch.Tensor] = None, adjacency=None, inter: bool = True,
-                 last_value_residual: bool = False):
+                 last_value_residual: bool = False, inter_threshold: int = INTER_THRESHOLD,
+                 inter_levels: Optional[Sequence[Sequence[Partition]]] = None):
         super().__init__()
         if last_value_residual and out_channels > in_channels:
             raise ValueError("last_value_residual needs out_channels <= in_channels")
@@ -79,10 +85,13 @@ class SBATransformer(nn.Module):
             self.register_buffer("inv_perm", torch.argsort(perm))
         else:
             self.perm = None
+        if inter_levels is not None and len(inter_levels) != len(partitions):
+            raise ValueError(f"inter_levels must hold one list per layer ({len(partitions)}), got {len(inter_levels)}")
         self.blocks = nn.ModuleList(
             SBABlock(dim, num_heads, p, mlp_ratio=mlp_ratio, dropout=dropout, backend=backend,
-                     adjacency=adjacency, inter=inter)
-            for p in partitions
+                     adjacency=adjacency, inter=inter, inter_threshold=inter_threshold,
+                     inter_levels=None if inter_levels is None else inter_levels[i])
+            for i, p in enumerate(partitions)
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_steps * out_channels)
@@ -90,16 +99,20 @@ class SBATransformer(nn.Module):
     @classmethod
     def from_graph(cls, adjacency, parts: Sequence[int], *, in_steps: int, in_channels: int, out_steps: int,
                    out_channels: int, pe_dim: int = 8, graph_bias: bool = True, seed: int = 0,
-                   **kwargs) -> "SBATransformer":
+                   inter_threshold: int = INTER_THRESHOLD, **kwargs) -> "SBATransformer":
         """Build from a sensor graph: nested METIS partitions for ``parts`` (one level per layer,
-        finest first), the node permutation, Laplacian PE of size ``pe_dim`` (0 = none)."""
+        finest first) and, for layers with more than ``inter_threshold`` subgraphs, the levels of
+        their hierarchical inter attention (`model_partitions`: coarser levels of the same nested
+        chain, so every group is a contiguous run of tokens); the node permutation; Laplacian PE
+        of size ``pe_dim`` (0 = none); the graph-bias blocks when ``graph_bias``."""
         csr = to_csr(adjacency)
-        partitions, perm = multiscale_partitions(csr, parts, seed=seed)
+        partitions, levels, perm = model_partitions(csr, parts, threshold=inter_threshold, seed=seed)
         p = perm.numpy()
         internal = csr[p][:, p]
         pe = laplacian_pe(internal, pe_dim) if pe_dim else None
         return cls(csr.shape[0], in_steps, in_channels, out_steps, out_channels, partitions, pe=pe,
-                   perm=perm, adjacency=internal if graph_bias else None, **kwargs)
+                   perm=perm, adjacency=internal if graph_bias else None, inter_threshold=inter_threshold,
+                   inter_levels=levels, **kwargs)
 
     def forward(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None,
                 dow: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -12,10 +12,17 @@ from sba_kernels import Partition
 
 from .adjacency import to_csr
 
-__all__ = ["partition_graph", "multiscale_partitions", "metis_assignment"]
+__all__ = ["partition_graph", "multiscale_partitions", "metis_assignment", "token_levels", "nested_levels",
+           "hierarchy_parts", "model_partitions", "INTER_THRESHOLD", "INTER_GROUP_SIZE"]
 
 # METIS wants integer edge weights; float weights are scaled into 1.._WEIGHT_LEVELS.
 _WEIGHT_LEVELS = 1000
+
+# Hierarchical inter attention (see `sba_model.layers.InterAttention`): above INTER_THRESHOLD
+# pooled tokens, tokens are grouped about INTER_GROUP_SIZE at a time, level after level. The
+# dense top level then costs at most INTER_THRESHOLD^2 and each level below it O(tokens * group).
+INTER_THRESHOLD = 2048
+INTER_GROUP_SIZE = 64
 
 
 def metis_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int = 0, vweights=None) -> np.ndarray:
@@ -115,6 +122,107 @@ def multiscale_partitions(adjacency, parts: Sequence[int], *, seed: int = 0) -> 
     perm = np.lexsort((np.arange(n),) + tuple(levels))
     partitions = [Partition.from_assignment(_compact(a[perm])) for a in levels]
     return partitions, torch.from_numpy(perm).long()
+
+
+def _check_hierarchy_args(threshold, group_size) -> tuple[int, int]:
+    threshold = _check_num_parts(threshold, "inter_threshold")
+    group_size = _check_num_parts(group_size, "group_size")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (groups of one never shrink the level), got {group_size}")
+    return threshold, group_size
+
+
+def hierarchy_parts(num_tokens: int, threshold: int = INTER_THRESHOLD, group_size: int = INTER_GROUP_SIZE) -> list[int]:
+    """The group counts of the levels above ``num_tokens`` pooled tokens: ``ceil(T / g)``,
+    ``ceil(T / g^2)``, ... until one is at most ``threshold``; empty when ``T <= threshold``."""
+    threshold, group_size = _check_hierarchy_args(threshold, group_size)
+    counts = [_check_num_parts(num_tokens, "num_tokens")]
+    while counts[-1] > threshold:
+        counts.append(-(-counts[-1] // group_size))
+    return counts[1:]
+
+
+def token_levels(adjacency, partition: Partition, *, threshold: int = INTER_THRESHOLD,
+                 group_size: int = INTER_GROUP_SIZE, seed: int = 0) -> list[Partition]:
+    """Levels of the hierarchical inter attention for any node partition: the graph between
+    ``partition``'s subgraphs (the quotient graph, weighted by cut weights, vertices by subgraph
+    size) split by METIS into groups of about ``group_size`` tokens, then the graph between
+    those groups, and so on until at most ``threshold`` remain.
+
+    Args:
+        adjacency: the graph ``partition`` partitions (any form `to_csr` accepts).
+        partition: the node partition; its ``P`` subgraphs are the level-0 tokens.
+        threshold: the largest token count attended densely. group_size: tokens per group (>= 2).
+        seed: METIS seed.
+
+    Returns:
+        ``levels``: level ``i`` is a `Partition` of level ``i``'s tokens (``levels[0].num_nodes == P``)
+        into ``levels[i].num_parts`` groups, which are level ``i + 1``'s tokens; empty when
+        ``P <= threshold``. Groups are not contiguous runs of token ids (the partition's order
+        is kept); `model_partitions` gives contiguous ones.
+    """
+    threshold, group_size = _check_hierarchy_args(threshold, group_size)
+    if not isinstance(partition, Partition):
+        raise TypeError(f"partition must be a sba_kernels.Partition, got {type(partition).__name__}")
+    csr = to_csr(adjacency)
+    if csr.shape[0] != partition.num_nodes:
+        raise ValueError(f"adjacency has {csr.shape[0]} nodes but partition has num_nodes={partition.num_nodes}")
+    graph = _quotient_graph(csr, partition.assignment.cpu().numpy(), partition.num_parts)
+    sizes = partition.lengths.cpu().numpy().astype(np.int64)
+    levels = []
+    while graph.shape[0] > threshold:
+        groups = _compact(metis_assignment(graph, -(-graph.shape[0] // group_size), seed=seed, vweights=sizes))
+        levels.append(Partition.from_assignment(groups))
+        graph = _quotient_graph(graph, groups, levels[-1].num_parts)
+        sizes = np.bincount(groups, weights=sizes).astype(np.int64)
+    return levels
+
+
+def nested_levels(partitions: Sequence[Partition]) -> list[Partition]:
+    """Token levels from nested partitions of one node set, finest first: level ``i`` groups
+    the subgraphs of ``partitions[i]`` (its tokens) by the subgraph of ``partitions[i + 1]``
+    that holds them. Raises ValueError if the partitions are not nested."""
+    levels = []
+    for i, (fine, coarse) in enumerate(zip(partitions, partitions[1:])):
+        if fine.num_nodes != coarse.num_nodes:
+            raise ValueError(f"partitions[{i}] and partitions[{i + 1}] must partition the same nodes")
+        real = fine.index >= 0
+        group = coarse.assignment[fine.index[:, 0].long()]                 # via each subgraph's first node
+        row = torch.arange(fine.num_parts, device=fine.device).unsqueeze(1).expand_as(fine.index)
+        if not torch.equal(coarse.assignment[fine.index[real].long()], group[row[real]]):
+            raise ValueError(f"partitions must be nested: a subgraph of partitions[{i}] straddles two of "
+                             f"partitions[{i + 1}]")
+        levels.append(Partition.from_assignment(group, coarse.num_parts))
+    return levels
+
+
+def model_partitions(adjacency, parts: Sequence[int], *, threshold: int = INTER_THRESHOLD,
+                     group_size: int = INTER_GROUP_SIZE, seed: int = 0):
+    """Everything a multiscale model needs from its graph: one node partition per layer, the
+    inter-attention levels of each layer, and the node order.
+
+    The node levels ``parts`` are extended with coarser ones (`hierarchy_parts` of the last)
+    and all are computed by `multiscale_partitions`, so they nest. Layer ``l`` with more than
+    ``threshold`` subgraphs groups its tokens by the next levels of that chain until one has at
+    most ``threshold``: every group is then a contiguous run of token ids, and every node level
+    a contiguous run of node ids.
+
+    Returns:
+        ``(partitions, inter_levels, perm)``: ``len(parts)`` node `Partition`s (finest first),
+        one list of token-level `Partition`s per layer (empty where ``P_l <= threshold``), and
+        ``perm`` as in `multiscale_partitions`.
+    """
+    threshold, group_size = _check_hierarchy_args(threshold, group_size)
+    parts = list(parts)
+    extra = hierarchy_parts(parts[-1], threshold, group_size) if parts else []
+    chain, perm = multiscale_partitions(adjacency, parts + extra, seed=seed)
+    inter_levels = []
+    for layer in range(len(parts)):
+        top = layer
+        while chain[top].num_parts > threshold:     # the chain ends at or below the threshold
+            top += 1
+        inter_levels.append(nested_levels(chain[layer: top + 1]))
+    return chain[: len(parts)], inter_levels, perm
 
 
 def _compact(assignment: np.ndarray) -> np.ndarray:

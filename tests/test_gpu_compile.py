@@ -35,12 +35,17 @@ CSRC = ROOT / "csrc"
 
 
 # ----------------------------------------------------------------------------- Triton
+# About 620 compiles: some 6 minutes on CI's 2 cores, paid once by the first test that asks.
+COMPILE_ALL = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def triton_reports():
     """One compile per distinct configuration and architecture, shared by the checks below."""
     return triton_aot.compile_all(archs=(90, 80), workers=2)
 
 
+@COMPILE_ALL
 def test_every_triton_kernel_is_launched_and_compiled(triton_reports):
     launched = {launch.kernel for launch in triton_aot.recorded_launches()}
     assert launched == set(triton_aot.kernels()), "a kernel of triton_kernels that the backend never launches"
@@ -48,6 +53,7 @@ def test_every_triton_kernel_is_launched_and_compiled(triton_reports):
         assert {r.kernel for r in triton_reports if r.arch == arch} == launched
 
 
+@COMPILE_ALL
 def test_triton_kernels_compile_without_spills_within_shared_memory(triton_reports):
     failed = [f"sm_{r.arch} {r.config}: {r.error}" for r in triton_reports if not r.ok]
     assert not failed, "\n".join(failed[:5])
@@ -59,6 +65,7 @@ def test_triton_kernels_compile_without_spills_within_shared_memory(triton_repor
     assert all(r.programs_per_sm >= 1 and 0 < r.registers <= 255 for r in triton_reports)
 
 
+@COMPILE_ALL
 def test_the_configurations_cover_what_the_issue_asks(triton_reports):
     configs = " ".join(r.config for r in triton_reports if r.kernel == "attention_fwd" and r.arch == 90)
     for d in triton_aot.HEAD_DIMS:
@@ -69,6 +76,7 @@ def test_the_configurations_cover_what_the_issue_asks(triton_reports):
         assert flag in configs
 
 
+@COMPILE_ALL
 def test_biased_bf16_head_dim_64_kernels_compile_for_sm90_and_sm80(triton_reports):
     """The case that failed on a GPU before: any kernel reading the bias, bf16, d = 64."""
     biased = [r for r in triton_reports if "HEAD_DIM=64," in r.config and

@@ -5,8 +5,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sba_model import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe,
-                       multiscale_partitions, partition_graph, to_csr)
+from sba_kernels import Partition
+from sba_model import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe, model_partitions,
+                       multiscale_partitions, partition_graph, to_csr, token_levels)
+from sba_model.partitioning import hierarchy_parts, nested_levels
+from sba_model import pe as pe_module
 from sba_model.pe import normalized_laplacian
 
 
@@ -160,3 +163,100 @@ def test_laplacian_pe_sparse_path_on_a_large_graph():
 def test_laplacian_pe_small_graph_pads_with_zeros():
     pe = laplacian_pe(np.ones((3, 3)), 5)
     assert pe.shape == (3, 5) and torch.all(pe[:, 2:] == 0)
+
+
+# ----------------------------------------------------------------------------- hierarchy levels
+def _check_token_level(level, num_tokens):
+    """Every token in exactly one group (the Partition checks it too; this does not trust it)."""
+    assert level.num_nodes == num_tokens
+    assert sorted(sum(level.parts(), [])) == list(range(num_tokens))
+
+
+def test_hierarchy_parts_counts_and_arguments():
+    assert hierarchy_parts(100, threshold=100) == []
+    assert hierarchy_parts(101, threshold=100, group_size=10) == [11]
+    assert hierarchy_parts(15625 * 10, threshold=2048, group_size=64) == [2442, 39]
+    with pytest.raises(ValueError, match="group_size"):
+        hierarchy_parts(100, threshold=10, group_size=1)
+    with pytest.raises(ValueError, match="inter_threshold"):
+        hierarchy_parts(100, threshold=0)
+
+
+def test_token_levels_cover_chain_and_follow_the_graph():
+    rng = np.random.default_rng(6)
+    adj = knn_adjacency(rng.random((3000, 2)), 6)
+    part = partition_graph(adj, 300)
+    assert token_levels(adj, part, threshold=300) == []            # at the threshold: dense, no level
+    levels = token_levels(adj, part, threshold=20, group_size=8)
+    tokens = part.num_parts
+    for level in levels:
+        _check_token_level(level, tokens)
+        assert tokens > 20
+        assert int(level.lengths.max()) <= 2 * 8                   # about group_size tokens per group
+        tokens = level.num_parts
+    assert len(levels) == 2 and tokens <= 20
+    # Groups are METIS parts of the graph between subgraphs: of the edges between two subgraphs,
+    # far fewer join two groups than under a random grouping of the same sizes.
+    sub = part.assignment.numpy()
+    coo = to_csr(adj).tocoo()
+    between = sub[coo.row] != sub[coo.col]
+    row, col = sub[coo.row[between]], sub[coo.col[between]]
+    group, shuffled = levels[0].assignment.numpy(), rng.permutation(levels[0].assignment.numpy())
+    cut, random_cut = np.mean(group[row] != group[col]), np.mean(shuffled[row] != shuffled[col])
+    assert cut < 0.5 * random_cut, (cut, random_cut)
+    with pytest.raises(ValueError, match="num_nodes"):
+        token_levels(adj[:100, :100], part, threshold=20)
+
+
+def test_model_partitions_levels_nested_and_contiguous():
+    rng = np.random.default_rng(7)
+    adj = knn_adjacency(rng.random((2000, 2)), 6)
+    parts, levels, perm = model_partitions(adj, [200, 50], threshold=30, group_size=4)
+    assert sorted(perm.tolist()) == list(range(2000)) and [p.num_parts for p in parts] == [200, 50]
+    assert [len(lv) for lv in levels] == [2, 1]                      # 200 -> 50 -> 13, and 50 -> 13
+    for layer, chain in zip(parts, levels):
+        node_group = layer.assignment                                  # node -> token of this layer
+        tokens = layer.num_parts
+        for level in chain:
+            _check_token_level(level, tokens)
+            for members in level.parts():                              # contiguous ascending runs
+                assert members == list(range(members[0], members[0] + len(members)))
+            node_group = level.assignment[node_group]                 # node -> group at this level
+            tokens = level.num_parts
+        assert tokens <= 30
+    # Nesting, node by node: layer 0's first level groups its tokens exactly as layer 1's subgraphs do.
+    assert torch.equal(levels[0][0].assignment[parts[0].assignment], parts[1].assignment)
+    assert torch.equal(levels[0][1].assignment, levels[1][0].assignment)   # one chain above both layers
+    small, small_levels, _ = model_partitions(adj, [20], threshold=30)
+    assert small_levels == [[]] and small[0].num_parts == 20
+
+
+def test_nested_levels_rejects_partitions_that_do_not_nest():
+    fine = Partition.from_assignment(torch.tensor([0, 0, 1, 1, 2, 2]))
+    coarse = Partition.from_assignment(torch.tensor([0, 0, 0, 1, 1, 1]))          # splits fine part 1
+    with pytest.raises(ValueError, match="nested"):
+        nested_levels([fine, coarse])
+    good = nested_levels([fine, Partition.from_assignment(torch.tensor([0, 0, 0, 0, 1, 1]))])
+    assert good[0].parts() == [[0, 1], [2]]
+
+
+def test_laplacian_pe_sparse_path_equals_the_dense_solver(monkeypatch):
+    """The shift-invert path, forced on small graphs, gives the dense solver's eigenvectors:
+    the same k-dimensional subspace, and each column up to sign where its eigenvalue is
+    isolated (inside a (near-)degenerate eigenspace a rotation is as right)."""
+    adj = knn_adjacency(np.random.default_rng(10).random((1500, 2)), 6)
+    k = 8
+    exact = laplacian_pe(adj, k).double().numpy()                        # dense path: N <= 2000
+    vals = np.linalg.eigvalsh(normalized_laplacian(adj).toarray())[: k + 2]
+    monkeypatch.setattr(pe_module, "_DENSE_MAX_NODES", 100)
+    fast = laplacian_pe(adj, k).double().numpy()
+    assert vals[k + 1] - vals[k] > 1e-3                                  # the subspace is well defined
+    overlap = exact.T @ fast
+    assert np.allclose(np.linalg.svd(overlap, compute_uv=False), 1, atol=1e-5)
+    gaps = np.minimum(np.diff(vals[: k + 1]), np.diff(vals[1: k + 2]))    # to each column's neighbours
+    isolated = gaps > 1e-4                     # eigenvalues here are about 5e-3 apart from 1e-4 to 2e-3
+    assert isolated.sum() >= k // 2
+    assert np.allclose(np.abs(np.diag(overlap))[isolated], 1, atol=1e-5)
+    # Disconnected, with isolated nodes: several zero eigenvalues, still eigenvectors.
+    parts = [knn_adjacency(np.random.default_rng(i).random((400, 2)), 5) for i in range(3)]
+    _pe_checks(sp.block_diag(parts + [sp.csr_matrix((10, 10))]).tocsr(), 6)

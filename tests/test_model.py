@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import sba_kernels as sk
-from sba_model import SBABlock, SBAttention, SBATransformer, knn_adjacency, partition_graph
+from sba_model import (InterAttention, SBABlock, SBAttention, SBATransformer, knn_adjacency, partition_graph,
+                       token_levels)
 from sba_model.data import load
 from sba_model.layers import subgraph_blocks
 
@@ -54,6 +55,8 @@ def test_graph_bias_blocks_and_gradient():
     for p, nodes in enumerate(part.parts()):
         assert np.allclose(blocks[p, : len(nodes), : len(nodes)].numpy(), dense[np.ix_(nodes, nodes)])
         assert torch.all(blocks[p, len(nodes):] == 0)
+    with pytest.raises(ValueError, match="num_nodes"):
+        subgraph_blocks(adj[:50, :50], part)
     layer = SBAttention(16, 2, part, adjacency=adj)
     layer(torch.randn(2, 60, 16)).square().sum().backward()
     grad = layer.intra.node_weight.grad
@@ -136,3 +139,139 @@ def test_overfits_one_batch():
     with torch.no_grad():
         last = (model.eval()(x) - y).abs().mean().item()
     assert last < 0.01 * first, (first, last)
+
+
+# ----------------------------------------------------------------------------- hierarchical inter attention
+def _dense_layer_reference(layer, x, part):
+    """SBAttention with today's dense inter attention, by hand from the layer's own weights."""
+    B, N, D = x.shape
+    H = layer.inter.num_heads
+    d = D // H
+    q, k, v = layer.intra.qkv(x).view(B, N, 3, H, d).unbind(2)
+    h = layer.intra.proj(sk.intra_attention(q, k, v, part).reshape(B, N, D))
+    z = torch.stack([h[:, nodes].mean(1) for nodes in part.parts()], 1)
+    qz, kz, vz = layer.inter.qkv(z).view(B, -1, 3, H, d).unbind(2)
+    att = torch.softmax(torch.einsum("bphd,bqhd->bhpq", qz, kz) / d ** 0.5, -1)
+    g = layer.inter.proj(torch.einsum("bhpq,bqhd->bphd", att, vz).reshape(B, -1, D))
+    return h + g[:, part.assignment]
+
+
+@pytest.mark.parametrize("threshold, with_graph", [(8, True), (8, False), (2048, False)])
+def test_inter_at_or_below_threshold_is_exactly_dense(threshold, with_graph):
+    """P = 8 subgraphs: at the threshold (8) and below it the layer is today's dense layer, in
+    outputs and gradients. With the graph given, a hierarchy could be built if it were
+    (wrongly) wanted at P == threshold; without it, none is needed."""
+    adj = _graph()
+    part = partition_graph(adj, 8)
+    torch.manual_seed(0)
+    layer = SBAttention(32, 4, part, adjacency=adj if with_graph else None, inter_threshold=threshold).double()
+    assert layer.inter.levels == []
+    if with_graph:
+        with torch.no_grad():
+            layer.intra.node_weight.zero_()     # the hand reference has no graph bias
+    x = torch.randn(3, 120, 32, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 120, 32, dtype=torch.float64)
+    ours, ref = layer(x), _dense_layer_reference(layer, x, part)
+    assert (ours - ref).abs().max() < 1e-12
+    params = [x, layer.inter.qkv.weight, layer.inter.proj.weight, layer.intra.qkv.weight]
+    g_ours = torch.autograd.grad(ours, params, grad)
+    g_ref = torch.autograd.grad(ref, params, grad)
+    for a, b in zip(g_ours, g_ref):
+        assert (a - b).abs().max() < 1e-12
+
+
+def _masked_dense_hierarchy(q, k, v, levels):
+    """The hierarchy by hand: dense attention with a same-group mask, group means through a
+    dense averaging matrix, recursion, broadcast back. q, k, v ``[B, T, H, d]``."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    if not levels:
+        return torch.einsum("bhts,bshd->bthd", torch.softmax(scores, -1), v)
+    a = levels[0].assignment
+    same = a[:, None] == a[None, :]
+    local = torch.einsum("bhts,bshd->bthd", torch.softmax(scores.masked_fill(~same, float("-inf")), -1), v)
+    member = (a[None, :] == torch.arange(levels[0].num_parts)[:, None]).to(q.dtype)     # [G, T]
+    mean = member / member.sum(1, keepdim=True)
+    far = _masked_dense_hierarchy(*(torch.einsum("gt,bthd->bghd", mean, t) for t in (q, k, v)), levels[1:])
+    return local + torch.einsum("gt,bghd->bthd", member, far)
+
+
+def test_hierarchical_inter_matches_masked_dense_reference():
+    adj = _graph(600, seed=4)
+    part = partition_graph(adj, 60)
+    levels = token_levels(adj, part, threshold=10, group_size=4)
+    assert [lv.num_nodes for lv in levels] == [60, levels[0].num_parts] and levels[-1].num_parts <= 10
+    torch.manual_seed(0)
+    layer = SBAttention(32, 4, part, inter_threshold=10, inter_levels=levels).double()
+    x = torch.randn(2, 600, 32, dtype=torch.float64, requires_grad=True)
+    B, N, D = x.shape
+    h, z = layer.intra.forward_pooled(x)
+    qz, kz, vz = layer.inter.qkv(z).view(B, -1, 3, 4, 8).unbind(2)
+    g = layer.inter.proj(_masked_dense_hierarchy(qz, kz, vz, levels).reshape(B, -1, D))
+    ref = h + g[:, part.assignment]
+    ours = layer(x)
+    assert (ours - ref).abs().max() < 1e-12
+    assert (ours - _dense_layer_reference(layer, x, part)).abs().max() > 1e-3   # it is not the dense layer
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, [x, layer.inter.qkv.weight], grad),
+                    torch.autograd.grad(ref, [x, layer.inter.qkv.weight], grad)):
+        assert (a - b).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("backend", [b for b in sk.available_backends() if b != "torch"])
+def test_hierarchical_inter_on_every_backend(backend):
+    adj = _graph(400, seed=5)
+    part = partition_graph(adj, 40)
+    levels = token_levels(adj, part, threshold=6, group_size=4)
+    torch.manual_seed(0)
+    ref = InterAttention(64, 4, levels=levels, backend="torch").double()
+    ours = InterAttention(64, 4, levels=levels, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    z = torch.randn(2, 40, 64, dtype=torch.float64)
+    expect, got = ref(z), ours(z.float())
+    assert ((got.double() - expect).norm() / expect.norm()) < 1e-5
+
+
+def test_inter_levels_are_checked():
+    adj = _graph(600, seed=4)
+    part = partition_graph(adj, 60)
+    levels = token_levels(adj, part, threshold=10, group_size=4)
+    with pytest.raises(ValueError, match="adjacency"):
+        SBAttention(16, 2, part, inter_threshold=10)
+    with pytest.raises(ValueError, match="inter_threshold"):
+        SBAttention(16, 2, part, inter_threshold=0)
+    with pytest.raises(ValueError, match=r"inter_levels\[0\] groups 60 tokens, not more than"):
+        SBAttention(16, 2, part, inter_levels=levels)                     # default threshold 2048 > 60
+    with pytest.raises(ValueError, match="leave .* tokens at the top"):
+        SBAttention(16, 2, part, inter_threshold=10, inter_levels=levels[:1])
+    with pytest.raises(ValueError, match=r"inter_levels\[0\] must group 60 tokens"):
+        SBAttention(16, 2, part, inter_threshold=10, inter_levels=levels[1:])
+    with pytest.raises(TypeError, match=r"inter_levels\[0\]"):
+        SBAttention(16, 2, part, inter_threshold=10, inter_levels=["not a partition"])
+    with pytest.raises(ValueError, match=r"levels\[1\] must group"):
+        InterAttention(16, 2, levels=levels[::-1])
+    with pytest.raises(ValueError, match="z must be"):
+        InterAttention(16, 2, levels=levels)(torch.randn(1, 59, 16))
+    built = SBAttention(16, 2, part, adjacency=adj, inter_threshold=10)   # levels from the graph
+    assert built.inter.levels and built.inter.levels[-1].num_parts <= 10
+
+
+def test_module_to_moves_inter_levels():
+    adj = _graph(600, seed=4)
+    part = partition_graph(adj, 60)
+    layer = SBAttention(16, 2, part, adjacency=adj, inter_threshold=10).to("meta")
+    assert all(lv.device.type == "meta" and lv.assignment.device.type == "meta" for lv in layer.inter.levels)
+
+
+def test_model_from_graph_builds_hierarchy_above_threshold():
+    adj = _graph(400, seed=6)
+    model = SBATransformer.from_graph(adj, [40, 12], in_steps=3, in_channels=1, out_steps=2, out_channels=1,
+                                      dim=16, num_heads=2, inter_threshold=10)
+    tokens = [len(b.inter.levels) for b in model.blocks]
+    assert tokens[0] >= 1 and tokens[1] >= 1                      # both layers are above 10 tokens
+    assert model.blocks[0].inter.levels[0].num_parts == model.blocks[1].partition.num_parts
+    x = torch.randn(2, 3, 400, 1)
+    model(x).square().sum().backward()
+    assert model.blocks[0].inter.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="one list per layer"):
+        SBATransformer(400, 3, 1, 2, 1, [b.partition for b in model.blocks], inter_levels=[[]])
