@@ -10,9 +10,9 @@ layer l, the subgraphs ``plan.parts(l, r)``. What crosses ranks, per layer with 
 attention:
 
 * forward: the pooled tokens ``[B, P_r, D]`` of each rank, all-gathered so every rank runs the
-  inter attention over all P tokens (`TokenGather`, an autograd-aware all-gather:
-  ``torch.distributed.nn.functional.all_gather``, whose backward sums every rank's gradient
-  for a rank's tokens back to it);
+  inter attention over all P tokens (`TokenGather`, an autograd-aware all-gather: torch's
+  ``all_gather_single_autograd``, whose backward reduce-scatters, i.e. returns to each rank the
+  sum over ranks of the gradient for its tokens);
 * after backward: the parameter gradients, summed over ranks (`allreduce_gradients`), since
   each rank's loss covers only its own nodes.
 
@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -174,9 +174,11 @@ class TokenGather:
 
     ``gather``: this rank's tokens ``[B, P_r, D]`` -> all P tokens ``[B, P, D]`` in global
     subgraph order. Ranks hold different ``P_r``, so each pads to ``max P_r`` and the padding
-    is dropped after the all-gather. Differentiable: the backward of
-    ``torch.distributed.nn.functional.all_gather`` returns to each rank the sum over ranks of
-    the gradient for its tokens (reduce-scatter on NCCL, all-to-all and a sum on gloo).
+    is dropped after the all-gather, which runs along dim 0 of ``[max P_r, B, D]``.
+    Differentiable: the backward of ``torch.distributed._functional_collectives.
+    all_gather_single_autograd`` (torch's successor of ``torch.distributed.nn.functional.
+    all_gather``) reduce-scatters, returning to each rank the sum over ranks of the gradient
+    for its tokens.
     ``own``: ``[B, P, D]`` -> this rank's rows ``[B, P_r, D]``.
     """
 
@@ -188,9 +190,10 @@ class TokenGather:
         mine = self.counts[self.rank]
         if z.dim() != 3 or z.shape[1] != mine:
             raise ValueError(f"z must be [B, P_r={mine}, D], got {tuple(z.shape)}")
-        padded = F.pad(z, (0, 0, 0, max(self.counts) - mine))
-        every = dist_nn.all_gather(padded, group=self.group)
-        return torch.cat([t[:, :c] for t, c in zip(every, self.counts)], dim=1)
+        width = max(self.counts)
+        padded = F.pad(z, (0, 0, 0, width - mine)).transpose(0, 1).contiguous()      # [max P_r, B, D]
+        every = funcol.all_gather_single_autograd(padded, 0, self.group)             # [W * max P_r, B, D]
+        return torch.cat([every[r * width: r * width + c] for r, c in enumerate(self.counts)]).transpose(0, 1)
 
     def own(self, z: torch.Tensor) -> torch.Tensor:
         return z[:, self.start: self.start + self.counts[self.rank]]

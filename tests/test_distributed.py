@@ -40,19 +40,18 @@ def _inputs():
     return x, tod, dow, weights
 
 
-def _all_gather_dropping_remote_grads(tensor, group=None):
+def _all_gather_dropping_remote_grads(tensor, gather_dim, group):
     """The planted bug: a gather whose other ranks' rows carry no gradient back."""
-    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, tensor.detach().contiguous(), group=group)
-    out[dist.get_rank(group)] = tensor
-    return tuple(out)
+    every = sd.funcol.all_gather_single(tensor.detach(), gather_dim, group)
+    n, r = tensor.shape[0], dist.get_rank(group)
+    return torch.cat([every[: r * n], tensor, every[(r + 1) * n:]])
 
 
 def _rank(rank, init_file, out_dir, plant_bug):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         if plant_bug:
-            sd.dist_nn.all_gather = _all_gather_dropping_remote_grads
+            sd.funcol.all_gather_single_autograd = _all_gather_dropping_remote_grads
         model = _model()
         plan = sd.plan_spatial([b.partition for b in model.blocks], WORLD)
         shard = sd.SpatialShard(model, plan, rank)
