@@ -2,6 +2,9 @@
 what one process computes, forward and every parameter gradient, in float64."""
 
 import itertools
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +164,57 @@ def test_shard_rejects_bad_arguments():
         sd.SpatialShard(torch.nn.Linear(2, 2), plan, 0)
     with pytest.raises(ValueError, match="plan must be a SpatialPlan with one level per block"):
         sd.SpatialShard(model, sd.SpatialPlan(plan.node_bounds, plan.part_bounds[:1]), 0)
+
+
+# ----------------------------------------------------------------------------- the training CLI under torchrun
+def _torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "sba_model.train", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_training_matches_one_process(tmp_path):
+    """Without dropout, a 2-rank spatial run and a 2-rank data-parallel run train what one process
+    trains: the same validation MAE after two epochs (float32 sums in another order), each run
+    stopped after one epoch and resumed. Rank 0 alone prints and writes the run folder."""
+    from sba_model import data as D
+    from sba_model import train
+
+    rng = np.random.default_rng(0)
+    pts = rng.random((24, 2))
+    arrays = dict(values=rng.normal(size=(240, 24, 1)), distances=np.linalg.norm(pts[:, None] - pts[None], axis=-1),
+                  timestamps=np.datetime64("2024-03-04T00:00", "s") + np.arange(240) * np.timedelta64(300, "s"))
+    path = tmp_path / "mine.npz"
+    D.save_npz(D.validate(arrays), path)
+    common = ["--data", str(path), "--parts", "6", "3", "--dim", "16", "--heads", "2", "--batch-size", "32",
+              "--dropout", "0", "--quiet"]
+    single = common + ["--run-dir", str(tmp_path / "one")]
+    train.run(train.parse_args(single + ["--epochs", "1"]))     # both stop and resume: the cosine
+    one = train.run(train.parse_args(single + ["--epochs", "2", "--resume"]))       # schedule is kept
+    runs = {}
+    for mode in ("spatial", "data"):
+        args = common + ["--run-dir", str(tmp_path / mode), "--parallel", mode]
+        _torchrun(*args, "--epochs", "1")
+        runs[mode] = _torchrun(*args, "--epochs", "2", "--resume")
+    for mode, out in runs.items():
+        run_dir = tmp_path / mode
+        assert out.stdout.count("test MAE") == 1, out.stdout             # rank 0 prints
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["world_size"] == WORLD and metrics["parallel"] == mode and metrics["epochs_run"] == 2
+        assert metrics["best_val_mae"] == pytest.approx(one["best_val_mae"], rel=1e-4), mode
+        assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "last.pt",
+                                                            "learning_curve.png", "metrics.json"]
+        last = torch.load(run_dir / "last.pt", weights_only=False)
+        assert [h["epoch"] for h in last["history"]] == [1, 2] and len(last["torch_rng"]) == WORLD
+
+
+def test_parallel_modes_need_torchrun(monkeypatch):
+    from sba_model import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="parallel='spatial' runs under torchrun"):
+        train.run(train.TrainConfig(parallel="spatial"))
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        train.run(train.TrainConfig(parallel="model"))
