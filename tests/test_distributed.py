@@ -3,6 +3,8 @@ what one process computes, forward and every parameter gradient, in float64."""
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -168,11 +170,18 @@ def test_shard_rejects_bad_arguments():
 
 # ----------------------------------------------------------------------------- the training CLI under torchrun
 def _torchrun(*args):
+    """Run the training CLI on WORLD ranks; on a timeout, end torchrun and its ranks (a rank stuck
+    in a collective would outlive torchrun alone)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            "-m", "sba_model.train", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return out
 
 
 def test_torchrun_training_matches_one_process(tmp_path):
@@ -200,7 +209,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
         runs[mode] = _torchrun(*args, "--epochs", "2", "--resume")
     for mode, out in runs.items():
         run_dir = tmp_path / mode
-        assert out.stdout.count("test MAE") == 1, out.stdout             # rank 0 prints
+        assert out.count("test MAE") == 1, out                           # rank 0 prints
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["world_size"] == WORLD and metrics["parallel"] == mode and metrics["epochs_run"] == 2
         assert metrics["best_val_mae"] == pytest.approx(one["best_val_mae"], rel=1e-4), mode
