@@ -19,7 +19,7 @@ from sba_kernels import Partition
 from .adjacency import to_csr
 from .partitioning import INTER_THRESHOLD, _check_num_parts, token_levels
 
-__all__ = ["IntraAttention", "InterAttention", "SBAttention", "SBABlock"]
+__all__ = ["IntraAttention", "InterAttention", "SBAttention", "SBABlock", "LocalTokens"]
 
 
 def _head_dim(embed_dim: int, num_heads: int) -> int:
@@ -57,6 +57,20 @@ def _built(partition: Partition, name: str) -> Partition:
     return partition
 
 
+class LocalTokens:
+    """How an `SBABlock` reaches the pooled tokens of all P subgraphs: in one process, they are
+    all here, so both steps are the identity. A spatial shard replaces it (see
+    `sba_model.distributed.TokenGather`) to gather the tokens of every rank."""
+
+    def gather(self, z: torch.Tensor) -> torch.Tensor:
+        """This process's tokens ``[B, P_local, D]`` -> all tokens ``[B, P, D]``."""
+        return z
+
+    def own(self, z: torch.Tensor) -> torch.Tensor:
+        """All tokens ``[B, P, D]`` -> the rows of this process's subgraphs ``[B, P_local, D]``."""
+        return z
+
+
 class _HoldsPartition(nn.Module):
     """Keeps the module's `Partition`s on its device: ``.to()``/``.cuda()`` move them too.
 
@@ -87,7 +101,8 @@ class IntraAttention(_HoldsPartition):
 
     With ``adjacency``, adds S2Transformer's graph bias ``bias[p, i, j] = w_i * A_p[i, j]``
     (``A_p`` the subgraph's adjacency block with unit diagonal, ``w`` one learnable scalar per
-    node, initialised to 0 so training starts from plain attention).
+    node, initialised to 0 so training starts from plain attention). ``first_node`` is the
+    global id of the partition's node 0 in ``node_weight`` (nonzero on a spatial shard).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, partition: Partition, *, adjacency=None,
@@ -103,12 +118,13 @@ class IntraAttention(_HoldsPartition):
             self.node_weight = nn.Parameter(torch.zeros(partition.num_nodes))
         else:
             self.blocks, self.node_weight = None, None
+        self.first_node = 0
 
     def graph_bias(self) -> Optional[torch.Tensor]:
         """``[P, M, M]`` or None."""
         if self.blocks is None:
             return None
-        w = self.node_weight[self.partition.index.long().clamp_min(0)]       # [P, M]
+        w = self.node_weight[self.first_node + self.partition.index.long().clamp_min(0)]       # [P, M]
         return w.unsqueeze(-1) * self.blocks
 
     def _qkv_bias(self, x: torch.Tensor):
@@ -286,6 +302,8 @@ class SBABlock(_HoldsPartition):
     ``inter=False`` drops the inter-subgraph path (``out = h``), for the ablation.
     ``inter_threshold`` and ``inter_levels``: the hierarchical InterAttn above the threshold,
     as in `SBAttention`.
+    ``tokens`` (a `LocalTokens`) gathers the pooled tokens before InterAttn and keeps this
+    process's rows after it; a spatial shard swaps in one that talks to the other ranks.
     """
 
     def __init__(self, dim: int, num_heads: int, partition: Partition, *, mlp_ratio: float = 4.0,
@@ -306,14 +324,15 @@ class SBABlock(_HoldsPartition):
             self.mlp_z = _mlp(dim, mlp_ratio, dropout)
             self.node_proj = nn.Linear(dim, dim)
             self.sub_proj = nn.Linear(dim, dim, bias=False)
+        self.tokens = LocalTokens()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.drop(self.intra(self.norm1(x)))
         h = h + self.drop(self.mlp(self.norm2(h)))
         if not self.has_inter:
             return h
-        z = sk.segment_mean(h, self.partition, backend=self.backend)
-        z = z + self.drop(self.inter(self.norm_z1(z)))
+        z = self.tokens.gather(sk.segment_mean(h, self.partition, backend=self.backend))
+        z = self.tokens.own(z + self.drop(self.inter(self.norm_z1(z))))     # the rest is row-wise
         z = z + self.drop(self.mlp_z(self.norm_z2(z)))
         # index_select, not z[:, assignment]: its backward is an index_add, not a slower index_put
         return h + torch.relu(self.node_proj(h) + self.sub_proj(z).index_select(1, self.partition.assignment))

@@ -30,7 +30,8 @@ class SBATransformer(nn.Module):
         partitions: one `Partition` per layer over the model's internal node order.
         dim, num_heads, mlp_ratio, dropout, backend: block sizes and kernel backend.
         pe: optional ``[N, k]`` positional encodings (internal node order); random sign flips
-            per column in training, as Laplacian eigenvectors have no fixed sign.
+            per column in training, as Laplacian eigenvectors have no fixed sign (drawn from
+            ``self.pe_generator`` when set, else from the global RNG).
         steps_per_day: enables the time-of-day embedding (``tod`` in ``0..steps_per_day-1``).
         day_of_week: enables the day-of-week embedding (``dow`` in ``0..6``).
         perm: optional ``[N]`` long, ``perm[internal] = user node id``: inputs are reordered
@@ -68,6 +69,7 @@ class SBATransformer(nn.Module):
         self.num_nodes, self.in_steps, self.in_channels = num_nodes, in_steps, in_channels
         self.out_steps, self.out_channels = out_steps, out_channels
         self.embed = nn.Linear(in_steps * in_channels, dim)
+        self.pe_generator: Optional[torch.Generator] = None
         if pe is not None:
             if pe.dim() != 2 or pe.shape[0] != num_nodes:
                 raise ValueError(f"pe must be [N={num_nodes}, k], got {tuple(pe.shape)}")
@@ -122,24 +124,38 @@ class SBATransformer(nn.Module):
             raise ValueError(
                 f"x must be [B, {self.in_steps}, {self.num_nodes}, {self.in_channels}], got {tuple(x.shape)}"
             )
-        B = x.shape[0]
-        last = x[:, -1:, :, : self.out_channels] if self.last_value_residual else 0.0
         if self.perm is not None:
             x = x[:, :, self.perm]
-        tokens = self.embed(x.permute(0, 2, 1, 3).reshape(B, self.num_nodes, -1))    # [B, N, D]
+        y = self.forward_nodes(x, tod, dow)
+        return y[:, :, self.inv_perm] if self.perm is not None else y
+
+    def forward_nodes(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None, dow: Optional[torch.Tensor] = None,
+                      *, nodes: slice = slice(None)) -> torch.Tensor:
+        """The forward pass in the internal node order, over the internal nodes ``nodes``:
+        x ``[B, T_in, n, C]`` -> ``[B, T_out, n, C_out]``, n the length of ``nodes``.
+
+        ``nodes`` is all of them in one process; a spatial shard (`sba_model.distributed`) passes
+        its own run, with blocks whose partitions cover exactly those nodes.
+        """
+        B, n = x.shape[0], x.shape[2]
+        tokens = self.embed(x.permute(0, 2, 1, 3).reshape(B, n, -1))    # [B, n, D]
         if self.pe is not None:
-            pe = self.pe
+            pe = self.pe[nodes]
             if self.training:
-                pe = pe * (torch.randint(0, 2, (1, pe.shape[1]), device=pe.device) * 2 - 1)
+                pe = pe * (self._pe_signs(pe.shape[1]).to(pe.device) * 2 - 1)
             tokens = tokens + self.pe_proj(pe)
         tokens = tokens + self._time_embedding("tod", self.tod, tod, B)
         tokens = tokens + self._time_embedding("dow", self.dow, dow, B)
         for block in self.blocks:
             tokens = block(tokens)
-        y = self.head(self.norm(tokens)).view(B, self.num_nodes, self.out_steps, self.out_channels)
-        y = y.permute(0, 2, 1, 3)
-        y = y[:, :, self.inv_perm] if self.perm is not None else y
-        return y + last
+        y = self.head(self.norm(tokens)).view(B, n, self.out_steps, self.out_channels).permute(0, 2, 1, 3)
+        return y + x[:, -1:, :, : self.out_channels] if self.last_value_residual else y
+
+    def _pe_signs(self, k: int) -> torch.Tensor:
+        """``[1, k]`` random 0/1, one per PE column, from ``pe_generator`` when set (a CPU
+        `torch.Generator`: the same flips on every rank of a spatial shard), else the global RNG."""
+        g = self.pe_generator
+        return torch.randint(0, 2, (1, k), generator=g, device=self.pe.device if g is None else g.device)
 
     @staticmethod
     def _time_embedding(name, table: Optional[nn.Embedding], ids: Optional[torch.Tensor], batch: int):

@@ -11,6 +11,18 @@ A run folder (``--run-dir``, default ``runs/<data>-<model>``) gets
 * ``learning_curve.png``: training loss and validation MAE per epoch.
 
 The loss is masked MAE on de-normalised values: missing values count in neither loss nor metrics.
+
+Several processes (``torchrun --nproc_per_node W -m sba_model.train ... --parallel MODE``;
+NCCL on GPUs, one per process, gloo on CPUs):
+
+* ``--parallel spatial``: each rank holds a balanced share of the sensors (whole coarsest
+  subgraphs, `sba_model.distributed.SpatialShard`) for every window; the ranks exchange only the
+  pooled subgraph tokens and sum gradients, so they train the single-process model on graphs
+  too large for one device;
+* ``--parallel data``: `DistributedDataParallel`, each rank a share of every batch's windows
+  (many small graphs).
+
+Every rank computes the same metrics (sums over ranks); rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -26,12 +38,17 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from sba_kernels import backends
 
 from . import data as datasets
 from . import zoo
+from .distributed import SpatialShard, all_reduce_sum, allreduce_gradients, plan_spatial
+from .model import SBATransformer
+
+PARALLEL = ("none", "spatial", "data")
 
 
 @dataclass
@@ -60,6 +77,7 @@ class TrainConfig:
     run_dir: Optional[str] = None
     resume: bool = False
     quiet: bool = False
+    parallel: str = "none"                 # none, spatial or data (under torchrun)
 
 
 def default_horizons(step_minutes: Optional[float]) -> list[int]:
@@ -70,9 +88,14 @@ def default_horizons(step_minutes: Optional[float]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- loss and metrics
-def masked_mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean absolute error over the targets where ``mask`` holds. ``count``: what the sum of
+    errors is divided by, by default ``mask.sum()``; a rank holding a share of the targets passes
+    the count over all ranks, so that the ranks' losses sum to the loss of the whole batch."""
     m = mask.to(pred.dtype)
-    return ((pred - target).abs() * m).sum() / m.sum().clamp_min(1.0)
+    count = m.sum() if count is None else count
+    return ((pred - target).abs() * m).sum() / count.clamp_min(1.0)
 
 
 class MetricSums:
@@ -99,6 +122,12 @@ class MetricSums:
         self.pct += (err.abs() / target.abs().clamp_min(self.floor).double() * pm).sum(dims).cpu()
         self.pct_count += pm.sum(dims).cpu()
 
+    def all_reduce(self) -> "MetricSums":
+        """Sum every rank's sums, in place (each rank added its own share of the targets)."""
+        for name in ("abs", "sq", "pct", "count", "pct_count"):
+            setattr(self, name, all_reduce_sum(getattr(self, name)))
+        return self
+
     def result(self, horizons: list[int], step_minutes: Optional[float]) -> dict:
         mae = self.abs / self.count.clamp_min(1)
         rmse = (self.sq / self.count.clamp_min(1)).sqrt()
@@ -115,6 +144,60 @@ class MetricSums:
 
 
 # ----------------------------------------------------------------------------- the loop
+@dataclass
+class Ranks:
+    """This process's place in the run: ``parallel`` mode, ``rank`` of ``world`` processes.
+    ``cut`` takes a batch to this rank's share of it: its sensors (spatial, ``nodes``), its
+    windows (data), or all of it (none)."""
+
+    parallel: str = "none"
+    rank: int = 0
+    world: int = 1
+    nodes: Optional[torch.Tensor] = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def cut(self, batch: dict) -> dict:
+        """This rank's share of ``batch``. A data-parallel rank left without a window (a batch
+        smaller than the world) gets the first one with every target masked: it joins the
+        gradient sync and adds nothing."""
+        if self.parallel == "spatial":
+            return {k: v[:, :, self.nodes] if k in ("x", "y", "y_mask") else v for k, v in batch.items()}
+        if self.parallel == "data":
+            rows = torch.tensor_split(torch.arange(len(batch["x"])), self.world)[self.rank]
+            part = {k: None if v is None else v[rows if rows.numel() else slice(1)] for k, v in batch.items()}
+            if rows.numel() == 0:
+                part["y_mask"] = torch.zeros_like(part["y_mask"])
+            return part
+        return batch
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _start(parallel: str, device: str) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun describes (env ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``) when ``parallel`` is not ``none``; pick the device (on
+    GPUs, the process's own: ``cuda:LOCAL_RANK``)."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    dev = _device(device)
+    if parallel == "none":
+        return Ranks(), dev
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"parallel={parallel!r} runs under torchrun (torchrun --nproc_per_node W -m sba_model.train "
+                         "...): RANK, WORLD_SIZE and MASTER_ADDR are not set")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Ranks(parallel, dist.get_rank(), dist.get_world_size()), dev
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,12 +212,14 @@ def _predict(model, batch, scaler, device):
 
 
 @torch.no_grad()
-def evaluate(model, windows, scaler, device, batch_size: int) -> MetricSums:
+def evaluate(model, windows, scaler, device, batch_size: int, ranks: Ranks = Ranks()) -> MetricSums:
+    """Metric sums over ``windows``; with several ranks each adds its share, then all sum."""
     model.eval()
     sums = MetricSums(windows.out_steps)
     for batch in windows.batches(batch_size, shuffle=False):
-        sums.add(_predict(model, batch, scaler, device), batch["y"].to(device), batch["y_mask"].to(device))
-    return sums
+        part = ranks.cut(batch)
+        sums.add(_predict(model, part, scaler, device), part["y"].to(device), part["y_mask"].to(device))
+    return sums.all_reduce() if ranks.world > 1 else sums
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -164,12 +249,28 @@ def _plot_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _parallel_model(model, ranks: Ranks, device):
+    """What the ranks train: the model itself, its `SpatialShard`, or the model in
+    `DistributedDataParallel`. Sets ``ranks.nodes`` (the rank's sensors) for spatial."""
+    if ranks.parallel == "spatial":
+        if not isinstance(model, SBATransformer):
+            raise ValueError(f"parallel='spatial' needs an SBA model (one of {zoo.SBA_VARIANTS}), got a "
+                             f"{type(model).__name__}")
+        shard = SpatialShard(model, plan_spatial([b.partition for b in model.blocks], ranks.world), ranks.rank)
+        ranks.nodes = shard.user_nodes
+        return shard.to(device)
+    if ranks.parallel == "data" and any(p.requires_grad for p in model.parameters()):
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                         broadcast_buffers=False)     # constant and identical
+    return model
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train (when the model has weights), pick the best validation epoch, test. Returns the
-    metrics dict also written to ``metrics.json``."""
+    metrics dict, which rank 0 also writes to ``metrics.json``."""
+    ranks, device = _start(cfg.parallel, cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = _device(cfg.device)
     series = datasets.load(cfg.data)
     horizons = cfg.horizons or default_horizons(series.step_minutes)
     out_steps = cfg.out_steps or max(horizons)
@@ -181,18 +282,27 @@ def run(cfg: TrainConfig) -> dict:
     model = zoo.build(cfg.model, series.adjacency, shape, parts=cfg.parts, dim=cfg.dim, num_heads=cfg.heads,
                       pe_dim=cfg.pe_dim, dropout=cfg.dropout, backend=cfg.backend, seed=cfg.seed,
                       last_value_residual=cfg.residual).to(device)
+    pe_rng = torch.Generator().manual_seed(cfg.seed)     # the same PE sign flips on every rank
+    if isinstance(model, SBATransformer):
+        model.pe_generator = pe_rng
+    net = _parallel_model(model, ranks, device)
+    # Evaluation needs no gradient sync: a data-parallel rank runs the bare model on its windows.
+    evaluator = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    torch.manual_seed(cfg.seed + ranks.rank)             # dropout: each rank's own draws
 
     run_dir = Path(cfg.run_dir or f"runs/{Path(cfg.data).stem}-{cfg.model}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "quiet", "device")}
-    settings.update(out_steps=out_steps, horizons=horizons)
+    settings.update(out_steps=out_steps, horizons=horizons, world_size=ranks.world)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if cfg.resume and last_path.exists():
         saved_cfg = json.loads((run_dir / "config.json").read_text())
         changed = {k for k in settings if k not in ("epochs", "run_dir") and saved_cfg.get(k) != settings[k]}
         if changed:
             raise ValueError(f"resume: the run in {run_dir} used other settings for {sorted(changed)}")
-    (run_dir / "config.json").write_text(json.dumps(settings, indent=1))
+    ranks.barrier()                                      # every rank has read config.json
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(settings, indent=1))
 
     trainable = any(p.requires_grad for p in model.parameters())
     history, best_val, start_epoch, stale = [], math.inf, 1, 0
@@ -207,53 +317,74 @@ def run(cfg: TrainConfig) -> dict:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             shuffle.set_state(state["shuffle_rng"])
-            torch.set_rng_state(state["torch_rng"])
+            pe_rng.set_state(state["pe_rng"])
+            torch.set_rng_state(state["torch_rng"][ranks.rank])
             history, best_val, stale = state["history"], state["best_val"], state["stale"]
             start_epoch = state["epoch"] + 1
         for epoch in range(start_epoch, cfg.epochs + 1):
             if stale >= cfg.patience:
                 break
-            model.train()
-            total, count = 0.0, 0
+            net.train()
+            total, count = 0.0, 0.0
             bar = tqdm(windows["train"].batches(cfg.batch_size, shuffle=True, generator=shuffle),
-                       total=math.ceil(len(windows["train"]) / cfg.batch_size), leave=False, disable=cfg.quiet,
-                       desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}")
+                       total=math.ceil(len(windows["train"]) / cfg.batch_size), leave=False,
+                       disable=cfg.quiet or not ranks.main, desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}")
             for batch in bar:
-                pred = _predict(model, batch, scaler, device)
-                loss = masked_mae(pred, batch["y"].to(device), batch["y_mask"].to(device))
+                part = ranks.cut(batch)
+                y, mask = part["y"].to(device), part["y_mask"].to(device)
+                n = mask.sum().float()
+                n = all_reduce_sum(n) if ranks.world > 1 else n
+                # The ranks' losses sum to the batch's; DDP averages gradients, hence its factor.
+                loss = masked_mae(_predict(net, part, scaler, device), y, mask, n)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * ranks.world if ranks.parallel == "data" else loss).backward()
+                if ranks.parallel == "spatial":
+                    allreduce_gradients(model.parameters())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 opt.step()
-                total += loss.item() * len(batch["x"])
-                count += len(batch["x"])
+                batch_loss = all_reduce_sum(loss) if ranks.world > 1 else loss.detach()
+                total += float(batch_loss) * float(n)
+                count += float(n)
                 bar.set_postfix(mae=f"{total / count:.3f}")
             sched.step()
-            val = evaluate(model, windows["val"], scaler, device, 2 * cfg.batch_size)
+            val = evaluate(evaluator, windows["val"], scaler, device, 2 * cfg.batch_size, ranks)
             val_mae = float((val.abs / val.count.clamp_min(1))[[h - 1 for h in horizons]].mean())
             history.append({"epoch": epoch, "train_mae": total / count, "val_mae": val_mae,
                             "seconds": time.perf_counter() - started})
-            if val_mae < best_val:
+            improved = val_mae < best_val
+            if improved:
                 best_val, stale = val_mae, 0
-                save_atomic({"model": model.state_dict(), "epoch": epoch, "val_mae": val_mae}, best_path)
             else:
                 stale += 1
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                         "history": history, "best_val": best_val, "stale": stale}, last_path)
-            if not cfg.quiet:
-                tqdm.write(f"{cfg.model} epoch {epoch}: train MAE {total / count:.4f}  val MAE {val_mae:.4f}")
+            torch_rngs = [None] * ranks.world
+            if ranks.world > 1:
+                dist.all_gather_object(torch_rngs, torch.get_rng_state())
+            else:
+                torch_rngs[0] = torch.get_rng_state()
+            if ranks.main:
+                if improved:
+                    save_atomic({"model": model.state_dict(), "epoch": epoch, "val_mae": val_mae}, best_path)
+                save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "shuffle_rng": shuffle.get_state(),
+                             "pe_rng": pe_rng.get_state(), "torch_rng": torch_rngs, "epoch": epoch,
+                             "history": history, "best_val": best_val, "stale": stale}, last_path)
+                if not cfg.quiet:
+                    tqdm.write(f"{cfg.model} epoch {epoch}: train MAE {total / count:.4f}  val MAE {val_mae:.4f}")
+        ranks.barrier()                                  # best.pt is written
         model.load_state_dict(torch.load(best_path, weights_only=False)["model"])
-        _plot_curve(history, run_dir / "learning_curve.png")
+        if ranks.main:
+            _plot_curve(history, run_dir / "learning_curve.png")
 
-    test = evaluate(model, windows["test"], scaler, device, 2 * cfg.batch_size)
-    metrics = {"data": cfg.data, "model": cfg.model, "parameters": sum(p.numel() for p in model.parameters()),
+    test = evaluate(evaluator, windows["test"], scaler, device, 2 * cfg.batch_size, ranks)
+    metrics = {"data": cfg.data, "model": cfg.model, "parallel": cfg.parallel, "world_size": ranks.world,
+               "parameters": sum(p.numel() for p in model.parameters()),
                "epochs_run": len(history), "best_val_mae": None if not history else best_val,
                "train_seconds": time.perf_counter() - started,
                "test": test.result(horizons, series.step_minutes)}
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, run_dir / "metrics.json")
+    if ranks.main:
+        tmp = run_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=1))
+        os.replace(tmp, run_dir / "metrics.json")
     return metrics
 
 
@@ -284,6 +415,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--parallel", default=d.parallel, choices=PARALLEL,
+                   help="under torchrun: shard the sensors (spatial) or the windows (data) across processes")
     a = p.parse_args(argv)
     if a.epochs < 1 or a.batch_size < 1 or a.patience < 1:
         p.error("--epochs, --batch-size and --patience must be >= 1")
@@ -292,10 +425,15 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    metrics = run(cfg)
-    avg = metrics["test"]["average"]
-    print(json.dumps(metrics["test"], indent=1))
-    print(f"{cfg.model} on {cfg.data}: test MAE {avg['MAE']:.4f}  RMSE {avg['RMSE']:.4f}  MAPE {avg['MAPE']:.2f}%")
+    try:
+        metrics = run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        avg = metrics["test"]["average"]
+        print(json.dumps(metrics["test"], indent=1))
+        print(f"{cfg.model} on {cfg.data}: test MAE {avg['MAE']:.4f}  RMSE {avg['RMSE']:.4f}  MAPE {avg['MAPE']:.2f}%")
     return 0
 
 
