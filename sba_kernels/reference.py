@@ -39,15 +39,21 @@ def _size_buckets(partition: Partition) -> list[tuple[torch.Tensor, int]]:
     return partition.cached("size_buckets", build)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision contract: scores, softmax and accumulation in fp32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _masked_attention(q, k, v, valid_keys, bias, scale):
     """q, k, v ``[B, G, m, H, d]``; valid_keys bool ``[G, m]``; bias None or broadcastable to
-    ``[B, H, G, m, m]``. Returns ``[B, G, m, H, d]``."""
-    scores = torch.einsum("bgihd,bgjhd->bhgij", q, k) * scale
+    ``[B, H, G, m, m]``. Returns ``[B, G, m, H, d]`` in q's dtype."""
+    acc = _compute_dtype(q.dtype)
+    scores = torch.einsum("bgihd,bgjhd->bhgij", q.to(acc), k.to(acc)) * scale
     if bias is not None:
-        scores = scores + bias
+        scores = scores + bias.to(acc)
     scores = scores.masked_fill(~valid_keys[None, None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhgij,bgjhd->bgihd", probs, v)
+    return torch.einsum("bhgij,bgjhd->bgihd", probs, v.to(acc)).to(q.dtype)
 
 
 def intra_attention(q, k, v, partition: Partition, bias: Optional[torch.Tensor], scale: float):
@@ -86,17 +92,17 @@ def segment_mean(x, partition: Partition):
 def inter_attention(q, k, v, bias: Optional[torch.Tensor], scale: float):
     """Dense attention among pooled tokens. q, k, v ``[B, P, H, d]``; bias ``[P, P]``,
     ``[H, P, P]`` or None. Returns ``[B, P, H, d]``."""
-    P = q.shape[1]
-    kt = k.permute(0, 2, 3, 1)                                # [B, H, d, P]
-    vt = v.transpose(1, 2)                                    # [B, H, P, d]
+    P, acc = q.shape[1], _compute_dtype(q.dtype)
+    kt = k.to(acc).permute(0, 2, 3, 1)                        # [B, H, d, P]
+    vt = v.to(acc).transpose(1, 2)                            # [B, H, P, d]
     outs = []
     for start in range(0, P, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, P)
-        scores = torch.matmul(q[:, start:stop].transpose(1, 2), kt) * scale   # [B, H, c, P]
+        scores = torch.matmul(q[:, start:stop].to(acc).transpose(1, 2), kt) * scale   # [B, H, c, P]
         if bias is not None:
-            scores = scores + bias[..., start:stop, :]
-        outs.append(torch.matmul(torch.softmax(scores, dim=-1), vt))          # [B, H, c, d]
-    return torch.cat(outs, dim=2).transpose(1, 2)
+            scores = scores + bias[..., start:stop, :].to(acc)
+        outs.append(torch.matmul(torch.softmax(scores, dim=-1), vt))                  # [B, H, c, d]
+    return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
 
 
 class TorchBackend(Backend):

@@ -194,8 +194,8 @@ def test_precision_contract_for_the_bias(backend, mode, bias_dtype):
     part = random_partition(40, max_size=9, generator=g)
     ins = [torch.randn(1, 40, 2, 16, generator=g).to(dtype) for _ in range(3)]
     bias = (torch.randn(2, part.num_parts, part.max_size, part.max_size, generator=g) * 3).to(bias_dtype)
-    ours = [t.to(DEVICE).requires_grad_() for t in ins + [bias]]
-    ref = [t.double().requires_grad_() for t in ins + [bias]]
+    ours = [t.to(DEVICE, copy=True).requires_grad_() for t in ins + [bias]]
+    ref = [t.to(F64, copy=True).requires_grad_() for t in ins + [bias]]
     out = sk.intra_attention(*ours[:3], part.to(DEVICE), bias=ours[3], backend=backend)
     exp = dense_masked_attention(*ref[:3], part, ref[3])
     grad = torch.randn(exp.shape, generator=g, dtype=F64)
