@@ -183,9 +183,10 @@ def test_every_model_maps_the_shapes(name):
     model = zoo.build(name, data.adjacency, shape, parts=[6, 2], dim=16, num_heads=2)
     y = model(torch.randn(2, 12, 40, 1), torch.tensor([0, 5]), torch.tensor([1, 2]))
     assert y.shape == (2, 4, 40, 1) and torch.isfinite(y).all()
-    y.square().mean().backward()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not dead, f"parameters the loss never reaches: {dead}"
+    if any(p.requires_grad for p in model.parameters()):     # the two statistical baselines learn nothing
+        y.square().mean().backward()
+        dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not dead, f"parameters the loss never reaches: {dead}"
 
 
 @pytest.mark.parametrize("name", ["sba", "full_attention", "gru"])
