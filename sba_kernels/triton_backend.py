@@ -66,7 +66,7 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
     * the backward keeps dK and dV accumulators and recomputes the probabilities: 32-row tiles
       (16 for fp32 at head dim 128);
     * the forward takes 64-row tiles at head dim <= 64 with 8 warps (4 warps spill on sm_80),
-      32 at head dim 128;
+      32 at head dim 128 and in fp32;
     * fp32 runs 8 warps and one pipeline stage everywhere (but the dQ kernel, see
       `attention_backward`).
     """
@@ -76,8 +76,8 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
         cap = 32 if (not backward and d <= 64) else 16
     elif backward:
         cap = 16 if (dtype == torch.float32 and d >= 128) else 32
-    else:
-        cap = 64 if d <= 64 else 32
+    else:   # fp32 (TF32) with 64-row tiles and a bias spills on sm_80 even at 8 warps
+        cap = 64 if (d <= 64 and dtype != torch.float32) else 32
     tile = min(fit, cap)
     if dtype == torch.float32:      # fp32 tiles hold twice the bytes: 8 warps, no software pipelining
         return Blocks(m=tile, n=tile, d=d, num_warps=8, num_stages=1)
