@@ -5,7 +5,7 @@ A backend is a `Backend`: a name, the devices ``"auto"`` may pick it for, `Backe
 registry holds them in order of preference:
 
 =========  ==================================  =====================================
-name       module                              ``"auto"`` picks it for
+name       module (imported when registered)   ``"auto"`` picks it for
 =========  ==================================  =====================================
 triton     `sba_kernels.triton_backend`        CUDA tensors
 cuda       `sba_kernels.cuda_backend`          CUDA tensors
@@ -95,8 +95,9 @@ _LOADED: dict[str, Union[Backend, _Missing]] = {}
 
 
 def register(name: str, module: str, *, before: Optional[str] = None) -> None:
-    """Add backend ``name``, found as ``BACKEND`` in ``module`` when first used, ahead of
-    ``before`` in the order of preference (else last)."""
+    """Add backend ``name``, found as ``BACKEND`` in ``module``, ahead of ``before`` in the order
+    of preference (else last). The module is imported now: ``choose`` runs inside torch.compile
+    traces, which cannot import."""
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"name must be a non-empty str other than 'auto', got {name!r}")
     if before is not None and before not in _MODULES:
@@ -106,7 +107,10 @@ def register(name: str, module: str, *, before: Optional[str] = None) -> None:
     items.insert(at, (name, module))
     _MODULES.clear()
     _MODULES.update(items)
-    _LOADED.pop(name, None)
+    try:
+        _LOADED[name] = importlib.import_module(module).BACKEND
+    except ImportError as err:    # e.g. triton not installed: registered, but runs nothing
+        _LOADED[name] = _Missing(name, f"{module} could not be imported ({err})")
 
 
 def unregister(name: str) -> None:
@@ -121,14 +125,9 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Union[Backend, _Missing]:
-    """The backend registered as ``name`` (its module imported on first use)."""
+    """The backend registered as ``name``."""
     if name not in _MODULES:
         raise ValueError(f"backend must be 'auto' or one of {names()}, got {name!r}")
-    if name not in _LOADED:
-        try:
-            _LOADED[name] = importlib.import_module(_MODULES[name]).BACKEND
-        except ImportError as err:    # e.g. triton not installed: registered, but runs nothing
-            _LOADED[name] = _Missing(name, f"{_MODULES[name]} could not be imported ({err})")
     return _LOADED[name]
 
 

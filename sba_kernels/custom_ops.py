@@ -24,7 +24,6 @@ import torch
 
 from . import backends
 from .backends import Backend
-from .partition import Partition
 
 Tensor = torch.Tensor
 
@@ -142,22 +141,29 @@ class KernelBackend(Backend):
             return f"{self.name} takes head dims up to {self.max_head_dim}, got {x.shape[-1]}"
         return self.unavailable(x.device)
 
-    def _attention(self, q, k, v, partition: Partition, bias, scale, pool: bool):
-        return attention_fwd(_rows(q), _rows(k), _rows(v), partition.index, partition.lengths, partition.assignment,
+    def _attention(self, q, k, v, index, lengths, assignment, bias, scale, pool: bool):
+        return attention_fwd(_rows(q), _rows(k), _rows(v), index, lengths, assignment,
                              None if bias is None else bias.contiguous(), scale, pool, self.name)
 
     def intra_attention(self, q, k, v, partition, bias, scale):
-        return self._attention(q, k, v, partition, bias, scale, pool=False)[0]
+        return self._attention(q, k, v, partition.index, partition.lengths, partition.assignment, bias, scale,
+                               pool=False)[0]
 
     def intra_attention_pooled(self, q, k, v, partition, bias, scale):
-        o, _, z = self._attention(q, k, v, partition, bias, scale, pool=True)
+        o, _, z = self._attention(q, k, v, partition.index, partition.lengths, partition.assignment, bias, scale,
+                                  pool=True)
         return o, z
 
     def inter_attention(self, q, k, v, bias, scale):
-        everything = Partition.whole(q.shape[1], q.device)   # one subgraph holding all P tokens
+        # One subgraph holding all P tokens, built from shapes alone (no Partition and its checks:
+        # this runs inside torch.compile traces, which cannot branch on tensor values).
+        P = q.shape[1]
+        index = torch.arange(P, dtype=torch.int32, device=q.device).unsqueeze(0)
+        lengths = torch.full((1,), P, dtype=torch.int32, device=q.device)
+        assignment = torch.zeros(P, dtype=torch.long, device=q.device)
         if bias is not None:       # [P, P] -> [1, P, P];  [H, P, P] -> [H, 1, P, P]
             bias = bias.unsqueeze(-3)
-        return self._attention(q, k, v, everything, bias, scale, pool=False)[0]
+        return self._attention(q, k, v, index, lengths, assignment, bias, scale, pool=False)[0]
 
     def segment_mean(self, x, partition):
         return segment_mean_fwd(_rows(x), partition.index, partition.lengths, partition.assignment, self.name)

@@ -12,7 +12,6 @@ handed a `Partition` can trust it without re-checking.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -103,12 +102,6 @@ class Partition:
             index[row, : len(p)] = torch.as_tensor(list(p), dtype=torch.int32)
         lengths = torch.tensor([len(p) for p in parts], dtype=torch.int32)
         return cls(index, lengths, num_nodes=num_nodes)
-
-    @classmethod
-    def whole(cls, num_nodes: int, device="cpu") -> "Partition":
-        """One subgraph holding nodes ``0..num_nodes-1``: dense attention as intra attention.
-        Built once per (size, device)."""
-        return _whole(num_nodes, torch.device(device))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -215,10 +208,3 @@ def _check_layout(index: torch.Tensor, lengths: torch.Tensor, num_nodes: int) ->
         miss = int((counts == 0).sum())
         raise ValueError(f"index must list every node exactly once: {dup} repeated, {miss} missing")
 
-
-@lru_cache(maxsize=32)
-def _whole(num_nodes: int, device: torch.device) -> Partition:
-    part = Partition(torch.arange(num_nodes, dtype=torch.int32, device=device).view(1, num_nodes),
-                     torch.tensor([num_nodes], dtype=torch.int32, device=device), num_nodes)
-    part.assignment  # built now: traced code (torch.compile) only reads it
-    return part
