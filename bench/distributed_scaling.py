@@ -55,8 +55,8 @@ def worker(n: int, out: Path) -> None:
     import torch.distributed as dist
 
     from sba_model import SBATransformer, knn_adjacency
-    from sba_model import distributed as sd
-    from sba_model.train import masked_mae
+    from sba_model.nn import distributed as sd
+    from sba_model.forecast.train import masked_mae
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -1,4 +1,4 @@
-"""Seconds per training epoch of ``python -m sba_model.train`` under each kernel backend, in one run.
+"""Seconds per training epoch of ``python -m sba_model.forecast.train`` under each kernel backend, in one run.
 
     python bench/epoch_time.py --data los_loop --backends torch auto --rounds 3
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sba_model import train
+from sba_model.forecast import train
 
 
 def epoch(cfg: train.TrainConfig) -> dict:
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                             cwd=Path(__file__).parent).stdout.strip()
     base = statistics.median(h["seconds"] for h in runs[args.backends[0]])
     lines = [f"`python bench/epoch_time.py {' '.join(argv if argv is not None else sys.argv[1:])}`: one epoch of "
-             f"`python -m sba_model.train --data {args.data}` (default settings, seed {args.seed}) per backend and "
+             f"`python -m sba_model.forecast.train --data {args.data}` (default settings, seed {args.seed}) per backend and "
              f"round, backends alternating. Commit {commit}, torch {torch.__version__}, {platform.machine()} CPU with "
              f"{torch.get_num_threads()} threads.",
              "",

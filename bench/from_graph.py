@@ -6,7 +6,7 @@
 The graph is a k-NN graph (k = 8) on random points in the unit square, built first and timed
 on its own (it is from_graph's input, not its work). Then one call of ``from_graph``, timed end
 to end, with each step it calls timed inside that same call (the functions are wrapped in
-`sba_model.model` / `sba_model.layers`, so nothing runs twice and the steps add up to the
+`sba_model.nn.model` / `sba_model.nn.layers`, so nothing runs twice and the steps add up to the
 call): ``to_csr``, ``model_partitions`` (METIS chain, node order, the inter attention's levels),
 ``laplacian_pe``, ``subgraph_blocks`` (graph-bias blocks, one call per layer), and the rest
 (reordering the graph, building the modules). Writes ``from_graph.json`` and ``from_graph.md``
@@ -31,12 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling import environment, write_atomic  # noqa: E402
 
-import sba_model.layers  # noqa: E402
-import sba_model.model  # noqa: E402
+import sba_model.nn.layers  # noqa: E402
+import sba_model.nn.model  # noqa: E402
 from sba_model import SBATransformer, knn_adjacency  # noqa: E402
 
-STEPS = {"to_csr": sba_model.model, "model_partitions": sba_model.model, "laplacian_pe": sba_model.model,
-         "subgraph_blocks": sba_model.layers}
+STEPS = {"to_csr": sba_model.nn.model, "model_partitions": sba_model.nn.model, "permute_graph": sba_model.nn.model,
+         "laplacian_pe": sba_model.nn.model,
+         "subgraph_blocks": sba_model.nn.layers}
 
 
 def timed_steps() -> dict[str, float]:

@@ -3,7 +3,7 @@ per epoch of both, written to a markdown table.
 
     python bench/parallel_compare.py --data los_loop --epochs 10 --out bench/results/los_loop_parallel.md
 
-Runs ``python -m sba_model.train`` once, then the same under
+Runs ``python -m sba_model.forecast.train`` once, then the same under
 ``torchrun --standalone --nproc_per_node 2 ... --parallel spatial`` (gloo on a CPU), each in its
 own run folder under ``--runs``, and compares their ``last.pt`` histories.
 """
@@ -22,7 +22,7 @@ import torch
 
 def _train(args: list[str], ranks: int) -> float:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    cmd = (launcher if ranks > 1 else [sys.executable]) + ["-m", "sba_model.train", *args]
+    cmd = (launcher if ranks > 1 else [sys.executable]) + ["-m", "sba_model.forecast.train", *args]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--runs", default="runs/parallel_compare")
     p.add_argument("--out", required=True)
-    p.add_argument("train_args", nargs="*", help="more sba_model.train arguments, after --")
+    p.add_argument("train_args", nargs="*", help="more sba_model.forecast.train arguments, after --")
     a = p.parse_args(argv)
     common = ["--data", a.data, "--epochs", str(a.epochs), "--quiet", *a.train_args]
     rows, seconds = {}, {}
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     one, two = rows.values()
     lines = [f"# {a.data}: one process against two spatial ranks (gloo, CPU)", "",
              f"Command: `python bench/parallel_compare.py {' '.join(argv or sys.argv[1:])}`", "",
-             f"Both runs: `python -m sba_model.train {' '.join(common)}`, the second under "
+             f"Both runs: `python -m sba_model.forecast.train {' '.join(common)}`, the second under "
              "`torchrun --standalone --nproc_per_node 2 ... --parallel spatial`. Same seed; dropout masks are "
              "drawn per rank, so with dropout the runs differ by their random draws only.", "",
              "| epoch | val MAE, 1 process | val MAE, 2 ranks | relative difference |", "| --- | --- | --- | --- |"]

@@ -1,4 +1,4 @@
-"""Mean and spread over seeds of the tables `python -m sba_model.compare` writes.
+"""Mean and spread over seeds of the tables `python -m sba_model.forecast.compare` writes.
 
     python bench/seed_summary.py bench/results/los_loop.md bench/results/los_loop_seed1.md \\
         bench/results/los_loop_seed2.md --out bench/results/los_loop_seeds.md

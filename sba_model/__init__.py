@@ -1,13 +1,17 @@
-"""sba_model: sensor graphs, METIS partitions, positional encodings, SBA layers and the model."""
+"""sba_model: the library (`sba_model.graph`: sensor graphs, METIS partitions, positional
+encodings; `sba_model.nn`: SBA layers and the SBATransformer) and the forecasting harness
+(`sba_model.forecast`: datasets, baselines, training and comparison CLIs).
 
-from .adjacency import gaussian_kernel_adjacency, haversine_distances, knn_adjacency, to_csr
-from .partitioning import model_partitions, multiscale_partitions, partition_graph, token_levels
-from .layers import InterAttention, IntraAttention, SBABlock, SBAttention
-from .model import SBATransformer
-from .pe import laplacian_pe
+The library's public names are re-exported here: ``from sba_model import SBAttention``.
+"""
+
+from .graph import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe,
+                    model_partitions, multiscale_partitions, partition_graph, permute_graph, to_csr,
+                    token_levels)
+from .nn import InterAttention, IntraAttention, SBABlock, SBATransformer, SBAttention
 
 __all__ = [
-    "to_csr", "gaussian_kernel_adjacency", "haversine_distances", "knn_adjacency",
+    "to_csr", "permute_graph", "gaussian_kernel_adjacency", "haversine_distances", "knn_adjacency",
     "partition_graph", "multiscale_partitions", "token_levels", "model_partitions", "laplacian_pe",
     "IntraAttention", "InterAttention", "SBAttention", "SBABlock", "SBATransformer",
 ]

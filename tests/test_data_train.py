@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sba_model import data as D
-from sba_model import train, zoo
-from sba_model.datasets import convert, read_original, shipped_file
+from sba_model.forecast import data as D
+from sba_model.forecast import train, zoo
+from sba_model.forecast.datasets import convert, read_original, shipped_file
 
 
 def _arrays(T=200, N=12, C=2, seed=0):
@@ -250,7 +250,7 @@ def test_cli_trains_on_a_user_file(tmp_path, capsys):
 
 
 def test_compare_writes_one_table_for_a_user_file(tmp_path):
-    from sba_model import compare
+    from sba_model.forecast import compare
 
     path = tmp_path / "mine.npz"
     D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
@@ -260,4 +260,4 @@ def test_compare_writes_one_table_for_a_user_file(tmp_path):
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| ---"))]
     assert [r.split("|")[1].strip() for r in rows] == ["sba", "last_value", "gru"]
-    assert "python -m sba_model.compare --data" in text and text.count("**") == 2     # one best MAE in bold
+    assert "python -m sba_model.forecast.compare --data" in text and text.count("**") == 2     # one best MAE in bold

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import sba_kernels as sk
 from sba_model import SBATransformer, knn_adjacency
-from sba_model import distributed as sd
+from sba_model.nn import distributed as sd
 
 WORLD = 2
 N = 90
@@ -173,7 +173,7 @@ def _torchrun(*args):
     """Run the training CLI on WORLD ranks; on a timeout, end torchrun and its ranks (a rank stuck
     in a collective would outlive torchrun alone)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "sba_model.train", *args]
+           "-m", "sba_model.forecast.train", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=300)
@@ -188,8 +188,8 @@ def test_torchrun_training_matches_one_process(tmp_path):
     """Without dropout, a 2-rank spatial run and a 2-rank data-parallel run train what one process
     trains: the same validation MAE after two epochs (float32 sums in another order), each run
     stopped after one epoch and resumed. Rank 0 alone prints and writes the run folder."""
-    from sba_model import data as D
-    from sba_model import train
+    from sba_model.forecast import data as D
+    from sba_model.forecast import train
 
     rng = np.random.default_rng(0)
     pts = rng.random((24, 2))
@@ -220,7 +220,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
 
 
 def test_parallel_modes_need_torchrun(monkeypatch):
-    from sba_model import train
+    from sba_model.forecast import train
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="parallel='spatial' runs under torchrun"):

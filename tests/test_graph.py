@@ -6,11 +6,13 @@ import scipy.sparse as sp
 import torch
 
 from sba_kernels import Partition
-from sba_model import (gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe, model_partitions,
-                       multiscale_partitions, partition_graph, to_csr, token_levels)
-from sba_model.partitioning import hierarchy_parts, nested_levels
-from sba_model import pe as pe_module
-from sba_model.pe import normalized_laplacian
+from sba_model import (SBATransformer, gaussian_kernel_adjacency, haversine_distances, knn_adjacency, laplacian_pe,
+                       model_partitions, multiscale_partitions, partition_graph, permute_graph, to_csr,
+                       token_levels)
+from sba_model.graph import adjacency as adjacency_module
+from sba_model.graph.partitioning import hierarchy_parts, nested_levels
+from sba_model.graph import pe as pe_module
+from sba_model.graph.pe import normalized_laplacian
 
 
 def _ring(n):
@@ -42,6 +44,47 @@ def test_to_csr_edge_index_keeps_trailing_isolated_nodes():
 def test_to_csr_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         to_csr(bad, num_nodes=3 if bad.dtype.kind == "i" else None)
+
+
+def test_a_checked_graph_is_frozen_and_passed_on_as_is():
+    user = sp.random(30, 30, density=0.2, random_state=0, format="csr")
+    checked = to_csr(user)
+    assert to_csr(checked) is checked
+    with pytest.raises(ValueError, match="num_nodes=31"):
+        to_csr(checked, num_nodes=31)
+    with pytest.raises(ValueError, match="read-only"):
+        checked.data[0] = -1.0
+    user.data[:] = -1.0                      # the user's own matrix stays theirs: nothing shared
+    assert checked.data.min() > 0
+    # arithmetic makes a new, unmarked matrix: it is checked again and refused
+    with pytest.raises(ValueError, match=">= 0"):
+        to_csr(-checked)
+
+
+def test_permute_graph_relabels_and_stays_checked():
+    dense = np.triu(np.random.default_rng(1).random((12, 12)) < 0.3, 1).astype(float)
+    dense += dense.T
+    perm = np.random.default_rng(2).permutation(12)
+    out = permute_graph(dense, torch.from_numpy(perm))
+    assert np.array_equal(out.toarray(), dense[perm][:, perm])
+    assert to_csr(out) is out
+    with pytest.raises(ValueError, match="perm must be a permutation"):
+        permute_graph(dense, np.zeros(12, dtype=int))
+
+
+def test_from_graph_converts_its_graph_exactly_once(monkeypatch):
+    calls = []
+    convert = adjacency_module._convert
+    monkeypatch.setattr(adjacency_module, "_convert", lambda *a, **k: calls.append(1) or convert(*a, **k))
+    coords = np.random.default_rng(0).random((600, 2))
+    edges = knn_adjacency(coords, k=6).tocoo()
+    edge_index = np.stack([edges.row, edges.col]).astype(np.int64)     # not a checked graph
+    calls.clear()
+    # two layers, graph bias and PE, and a layer above inter_threshold (token levels)
+    model = SBATransformer.from_graph(edge_index, [40, 8], in_steps=2, in_channels=1, out_steps=1,
+                                      out_channels=1, dim=16, num_heads=2, pe_dim=4, inter_threshold=16)
+    assert len(calls) == 1
+    assert model.blocks[0].inter.levels           # the token levels were built, on the checked graph
 
 
 def test_gaussian_kernel_matches_formula():

@@ -5,8 +5,8 @@ import torch
 import sba_kernels as sk
 from sba_model import (InterAttention, SBABlock, SBAttention, SBATransformer, knn_adjacency, partition_graph,
                        token_levels)
-from sba_model.data import load
-from sba_model.layers import subgraph_blocks
+from sba_model.forecast.data import load
+from sba_model.nn.layers import subgraph_blocks
 
 
 def _graph(n=120, seed=0):

@@ -9,10 +9,10 @@ from torch import nn
 
 from sba_kernels import Partition
 
-from .adjacency import to_csr
+from ..graph.adjacency import permute_graph, to_csr
 from .layers import SBABlock
-from .partitioning import INTER_THRESHOLD, model_partitions
-from .pe import laplacian_pe
+from ..graph.partitioning import INTER_THRESHOLD, model_partitions
+from ..graph.pe import laplacian_pe
 
 __all__ = ["SBATransformer"]
 
@@ -106,11 +106,13 @@ class SBATransformer(nn.Module):
         finest first) and, for layers with more than ``inter_threshold`` subgraphs, the levels of
         their hierarchical inter attention (`model_partitions`: coarser levels of the same nested
         chain, so every group is a contiguous run of tokens); the node permutation; Laplacian PE
-        of size ``pe_dim`` (0 = none); the graph-bias blocks when ``graph_bias``."""
+        of size ``pe_dim`` (0 = none); the graph-bias blocks when ``graph_bias``.
+
+        ``adjacency`` is converted and checked once, here (`sba_model.to_csr`); every step
+        after it receives the checked graph and does not convert it again."""
         csr = to_csr(adjacency)
         partitions, levels, perm = model_partitions(csr, parts, threshold=inter_threshold, seed=seed)
-        p = perm.numpy()
-        internal = csr[p][:, p]
+        internal = permute_graph(csr, perm)
         pe = laplacian_pe(internal, pe_dim) if pe_dim else None
         return cls(csr.shape[0], in_steps, in_channels, out_steps, out_channels, partitions, pe=pe,
                    perm=perm, adjacency=internal if graph_bias else None, inter_threshold=inter_threshold,
@@ -134,7 +136,7 @@ class SBATransformer(nn.Module):
         """The forward pass in the internal node order, over the internal nodes ``nodes``:
         x ``[B, T_in, n, C]`` -> ``[B, T_out, n, C_out]``, n the length of ``nodes``.
 
-        ``nodes`` is all of them in one process; a spatial shard (`sba_model.distributed`) passes
+        ``nodes`` is all of them in one process; a spatial shard (`sba_model.nn.distributed`) passes
         its own run, with blocks whose partitions cover exactly those nodes.
         """
         B, n = x.shape[0], x.shape[2]

@@ -8,7 +8,11 @@ Every graph tool in `sba_model` takes ``adjacency`` as any of:
   when the last nodes may be isolated).
 
 and `to_csr` turns it into one symmetric, non-negative ``scipy.sparse.csr_matrix`` without
-self loops. Builders for the usual sensor graphs sit beside it: the thresholded Gaussian
+self loops: a *checked graph*. A checked graph is read-only (its arrays are not writeable) and
+`to_csr` hands it back as is, so the public functions here and in `sba_model.nn` convert and
+check a graph once, at the edge, and pass the checked graph on without doing it again
+(`SBATransformer.from_graph` converts its input exactly once). `permute_graph` relabels a
+checked graph and keeps it checked. Builders for the usual sensor graphs sit beside it: the thresholded Gaussian
 kernel of DCRNN / LargeST over a distance matrix or coordinates, and a k-nearest-neighbour
 graph for large N.
 """
@@ -21,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["to_csr", "gaussian_kernel_adjacency", "haversine_distances", "knn_adjacency"]
+__all__ = ["to_csr", "permute_graph", "gaussian_kernel_adjacency", "haversine_distances", "knn_adjacency"]
 
 EARTH_RADIUS_KM = 6371.0088
 
@@ -33,11 +37,37 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def to_csr(adjacency, num_nodes: Optional[int] = None) -> sp.csr_matrix:
-    """Any accepted graph form -> symmetric float64 CSR ``[N, N]``, zero diagonal.
+    """Any accepted graph form -> checked graph: symmetric float64 CSR ``[N, N]``, zero
+    diagonal, sorted indices, read-only arrays.
 
     Directed inputs are symmetrised with ``max(A, A^T)``; negative or non-finite weights are
-    rejected.
+    rejected. A checked graph (an earlier result of `to_csr` or `permute_graph`) is returned
+    as is, in O(1).
     """
+    if getattr(adjacency, _CHECKED, False):
+        if num_nodes is not None and adjacency.shape[0] != num_nodes:
+            raise ValueError(f"adjacency has {adjacency.shape[0]} nodes but num_nodes={num_nodes}")
+        return adjacency
+    return _checked(_convert(adjacency, num_nodes))
+
+
+# The attribute that marks a checked graph. Copies and results of arithmetic are new objects
+# without it, so they are checked again when they come back.
+_CHECKED = "_sba_checked_graph"
+
+
+def _checked(mat: sp.csr_matrix) -> sp.csr_matrix:
+    """Mark a valid symmetric CSR as checked and freeze it: nothing can change it afterwards
+    without making a new (unmarked) matrix."""
+    mat.sort_indices()
+    for array in (mat.data, mat.indices, mat.indptr):
+        array.flags.writeable = False
+    setattr(mat, _CHECKED, True)
+    return mat
+
+
+def _convert(adjacency, num_nodes: Optional[int]) -> sp.csr_matrix:
+    """The conversion and checks behind `to_csr`, for a graph not yet checked."""
     if sp.issparse(adjacency):
         mat = sp.csr_matrix(adjacency, dtype=np.float64)
     else:
@@ -62,6 +92,22 @@ def to_csr(adjacency, num_nodes: Optional[int] = None) -> sp.csr_matrix:
     mat.setdiag(0)
     mat.eliminate_zeros()
     return mat
+
+
+def permute_graph(adjacency, perm) -> sp.csr_matrix:
+    """Relabel nodes: ``out[i, j] = A[perm[i], perm[j]]``, a checked graph.
+
+    Args:
+        adjacency: any form `to_csr` accepts, ``[N, N]``.
+        perm: ``[N]`` ints, ``perm[new] = old``, a permutation of ``range(N)``.
+    """
+    a = to_csr(adjacency)
+    p = _to_numpy(perm)
+    n = a.shape[0]
+    if p.shape != (n,) or not np.issubdtype(p.dtype, np.integer) or not np.array_equal(np.sort(p), np.arange(n)):
+        raise ValueError(f"perm must be a permutation of range({n}) as an int array, got shape {p.shape}, dtype {p.dtype}")
+    # A permutation keeps symmetry, weights and the empty diagonal: no need to check again.
+    return _checked(a[p][:, p].tocsr())
 
 
 def _edge_index_to_csr(edge_index: np.ndarray, num_nodes: Optional[int]) -> sp.csr_matrix:

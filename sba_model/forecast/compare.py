@@ -1,6 +1,6 @@
 """Run every model on one dataset, same split and settings, and write one markdown table.
 
-    python -m sba_model.compare --data los_loop --out bench/results/los_loop.md
+    python -m sba_model.forecast.compare --data los_loop --out bench/results/los_loop.md
 
 Each model trains in its own run folder under ``--runs``; the table lists test MAE / RMSE /
 MAPE per reported horizon and averaged, with the exact command at the top.
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         results.append(train.run(replace(base, model=name, run_dir=str(runs / name))))
         avg = results[-1]["test"]["average"]
         print(f"          test avg MAE {avg['MAE']:.4f}  RMSE {avg['RMSE']:.4f}  MAPE {avg['MAPE']:.2f}%", flush=True)
-    command = "python -m sba_model.compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m sba_model.forecast.compare " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     text = (f"# {stem}: SBATransformer, ablations and baselines\n\n"
             f"Command: `{command}`\n\n"
             f"Test split: last {int(100 * base.test_fraction)}% of the series (chronological); validation: the "

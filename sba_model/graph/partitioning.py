@@ -18,7 +18,7 @@ __all__ = ["partition_graph", "multiscale_partitions", "metis_assignment", "toke
 # METIS wants integer edge weights; float weights are scaled into 1.._WEIGHT_LEVELS.
 _WEIGHT_LEVELS = 1000
 
-# Hierarchical inter attention (see `sba_model.layers.InterAttention`): above INTER_THRESHOLD
+# Hierarchical inter attention (see `sba_model.nn.layers.InterAttention`): above INTER_THRESHOLD
 # pooled tokens, tokens are grouped about INTER_GROUP_SIZE at a time, level after level. The
 # dense top level then costs at most INTER_THRESHOLD^2 and each level below it O(tokens * group).
 INTER_THRESHOLD = 2048
@@ -61,7 +61,7 @@ def partition_graph(adjacency, num_parts: int, *, seed: int = 0) -> Partition:
     """Split the graph into ``num_parts`` balanced subgraphs with METIS (k-way, min edge cut).
 
     Args:
-        adjacency: any form `sba_model.adjacency.to_csr` accepts (scipy.sparse, dense
+        adjacency: any form `sba_model.graph.adjacency.to_csr` accepts (scipy.sparse, dense
             ``[N, N]``, ``edge_index [2, E]``); weights steer the cut.
         num_parts: P wanted. ``P >= N`` gives singletons. METIS can leave parts empty when P
             is large; those are dropped, so the result may have fewer than P subgraphs.

@@ -13,8 +13,8 @@ The format is one ``.npz`` file with
   distances, then the same kernel).
 
 Write one with `save_npz` (or ``numpy.savez``) and train with
-``python -m sba_model.train --data your_file.npz``. The bundled datasets ship in this format
-(`sba_model.datasets`, written from the original files by ``python -m sba_model.datasets.convert``).
+``python -m sba_model.forecast.train --data your_file.npz``. The bundled datasets ship in this format
+(`sba_model.forecast.datasets`, written from the original files by ``python -m sba_model.forecast.datasets.convert``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .adjacency import gaussian_kernel_adjacency, haversine_distances, to_csr
+from ..graph.adjacency import gaussian_kernel_adjacency, haversine_distances, to_csr
 from .datasets import even_timestamps, read_original, shipped_file
 
 __all__ = ["SeriesData", "load", "load_npz", "save_npz", "synthetic", "Scaler", "Windows", "split_windows",
@@ -184,7 +184,7 @@ def load(source: str) -> SeriesData:
     """A bundled dataset by name (``synthetic``, ``los_loop``, ``sz_taxi``, ``charged_mel``) or a
     path to a ``.npz`` in the format.
 
-    The bundled datasets are read from the converted copies shipped in `sba_model.datasets`;
+    The bundled datasets are read from the converted copies shipped in `sba_model.forecast.datasets`;
     when ``$SBA_DATA_ROOT`` is set, they are converted on the fly from the original files in
     ``$SBA_DATA_ROOT/<name>/`` instead (the same numbers: the shipped copies come from there).
     """

@@ -23,9 +23,9 @@ from torch import nn
 
 from sba_kernels import Partition
 
-from .model import SBATransformer
-from .partitioning import multiscale_partitions, partition_graph
-from .pe import laplacian_pe
+from ..nn.model import SBATransformer
+from ..graph.partitioning import multiscale_partitions, partition_graph
+from ..graph.pe import laplacian_pe
 
 SBA_VARIANTS = ("sba", "sba_no_inter", "sba_no_multiscale", "sba_no_pe", "sba_random_part")
 BASELINES = ("historical_average", "last_value", "gru", "full_attention")

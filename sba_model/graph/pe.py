@@ -69,7 +69,7 @@ def laplacian_pe(adjacency, k: int) -> torch.Tensor:
     solver up to sign, and rotation inside (near-)degenerate eigenspaces.
 
     Args:
-        adjacency: the graph (any form `sba_model.adjacency.to_csr` accepts).
+        adjacency: the graph (any form `sba_model.graph.adjacency.to_csr` accepts).
         k: number of encodings.
 
     Returns:

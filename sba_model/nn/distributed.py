@@ -170,7 +170,7 @@ def local_partition(partition: Partition, plan: SpatialPlan, level: int, rank: i
 
 
 class TokenGather:
-    """The pooled-token exchange of one layer on one rank (see `sba_model.layers.LocalTokens`).
+    """The pooled-token exchange of one layer on one rank (see `sba_model.nn.layers.LocalTokens`).
 
     ``gather``: this rank's tokens ``[B, P_r, D]`` -> all P tokens ``[B, P, D]`` in global
     subgraph order. Ranks hold different ``P_r``, so each pads to ``max P_r`` and the padding

@@ -1,4 +1,4 @@
-"""Train and evaluate a forecasting model: ``python -m sba_model.train --data los_loop``.
+"""Train and evaluate a forecasting model: ``python -m sba_model.forecast.train --data los_loop``.
 
 A run folder (``--run-dir``, default ``runs/<data>-<model>``) gets
 
@@ -12,11 +12,11 @@ A run folder (``--run-dir``, default ``runs/<data>-<model>``) gets
 
 The loss is masked MAE on de-normalised values: missing values count in neither loss nor metrics.
 
-Several processes (``torchrun --nproc_per_node W -m sba_model.train ... --parallel MODE``;
+Several processes (``torchrun --nproc_per_node W -m sba_model.forecast.train ... --parallel MODE``;
 NCCL on GPUs, one per process, gloo on CPUs):
 
 * ``--parallel spatial``: each rank holds a balanced share of the sensors (whole coarsest
-  subgraphs, `sba_model.distributed.SpatialShard`) for every window; the ranks exchange only the
+  subgraphs, `sba_model.nn.distributed.SpatialShard`) for every window; the ranks exchange only the
   pooled subgraph tokens and sum gradients, so they train the single-process model on graphs
   too large for one device;
 * ``--parallel data``: `DistributedDataParallel`, each rank a share of every batch's windows
@@ -45,8 +45,8 @@ from sba_kernels import backends
 
 from . import data as datasets
 from . import zoo
-from .distributed import SpatialShard, all_reduce_sum, allreduce_gradients, plan_spatial
-from .model import SBATransformer
+from ..nn.distributed import SpatialShard, all_reduce_sum, allreduce_gradients, plan_spatial
+from ..nn.model import SBATransformer
 
 PARALLEL = ("none", "spatial", "data")
 
@@ -188,7 +188,7 @@ def _start(parallel: str, device: str) -> tuple[Ranks, torch.device]:
     if parallel == "none":
         return Ranks(), dev
     if "WORLD_SIZE" not in os.environ:
-        raise ValueError(f"parallel={parallel!r} runs under torchrun (torchrun --nproc_per_node W -m sba_model.train "
+        raise ValueError(f"parallel={parallel!r} runs under torchrun (torchrun --nproc_per_node W -m sba_model.forecast.train "
                          "...): RANK, WORLD_SIZE and MASTER_ADDR are not set")
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -391,7 +391,7 @@ def run(cfg: TrainConfig) -> dict:
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="sba-train", description=__doc__.split("\n\n")[0])
     d = TrainConfig()
-    p.add_argument("--data", default=d.data, help=f"one of {datasets.BUILTIN} or a .npz in the sba_model.data format")
+    p.add_argument("--data", default=d.data, help=f"one of {datasets.BUILTIN} or a .npz in the sba_model.forecast.data format")
     p.add_argument("--model", default=d.model, choices=zoo.MODELS)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -16,8 +16,8 @@ from torch import nn
 import sba_kernels as sk
 from sba_kernels import Partition
 
-from .adjacency import to_csr
-from .partitioning import INTER_THRESHOLD, _check_num_parts, token_levels
+from ..graph.adjacency import to_csr
+from ..graph.partitioning import INTER_THRESHOLD, _check_num_parts, token_levels
 
 __all__ = ["IntraAttention", "InterAttention", "SBAttention", "SBABlock", "LocalTokens"]
 
@@ -60,7 +60,7 @@ def _built(partition: Partition, name: str) -> Partition:
 class LocalTokens:
     """How an `SBABlock` reaches the pooled tokens of all P subgraphs: in one process, they are
     all here, so both steps are the identity. A spatial shard replaces it (see
-    `sba_model.distributed.TokenGather`) to gather the tokens of every rank."""
+    `sba_model.nn.distributed.TokenGather`) to gather the tokens of every rank."""
 
     def gather(self, z: torch.Tensor) -> torch.Tensor:
         """This process's tokens ``[B, P_local, D]`` -> all tokens ``[B, P, D]``."""

@@ -1,11 +1,11 @@
 """Convert the original files of the bundled datasets into the copies the package ships.
 
-    python -m sba_model.datasets.convert                      # originals from the default source
-    python -m sba_model.datasets.convert --src /path/to/data  # any folder holding <name>/...
+    python -m sba_model.forecast.datasets.convert                      # originals from the default source
+    python -m sba_model.forecast.datasets.convert --src /path/to/data  # any folder holding <name>/...
 
 ``--src`` defaults to ``$SBA_DATA_ROOT``, else the ``shared/data`` folder beside this checkout.
-For each dataset it writes ``<dest>/<name>/<name>.npz`` with `sba_model.data.save_npz`, so the
-file holds exactly what ``sba_model.data.load(name)`` derives from the originals: ``values``
+For each dataset it writes ``<dest>/<name>/<name>.npz`` with `sba_model.forecast.data.save_npz`, so the
+file holds exactly what ``sba_model.forecast.data.load(name)`` derives from the originals: ``values``
 float32 ``[T, N, C]``, ``mask`` bool, ``adjacency`` float64 ``[N, N]`` (symmetric, zero
 diagonal; the Gaussian kernel already applied where the originals hold distances) and
 ``timestamps`` int64 seconds. The graph stays float64 so that partitions and positional
@@ -31,7 +31,7 @@ __all__ = ["default_source", "convert", "main"]
 def default_source() -> Path:
     """``$SBA_DATA_ROOT``, else the ``shared/data`` folder beside the checkout holding this package."""
     env = os.environ.get("SBA_DATA_ROOT")
-    return Path(env) if env else FOLDER.parents[2] / "shared" / "data"
+    return Path(env) if env else FOLDER.parents[3] / "shared" / "data"
 
 
 def convert(name: str, src, dest=FOLDER) -> Path:
@@ -47,7 +47,7 @@ def convert(name: str, src, dest=FOLDER) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
-    p = argparse.ArgumentParser(prog="python -m sba_model.datasets.convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sba_model.forecast.datasets.convert", description=__doc__.splitlines()[0])
     p.add_argument("--src", type=Path, default=None,
                    help="folder holding <name>/ with the original files (default $SBA_DATA_ROOT, else "
                         "shared/data beside the checkout)")

@@ -1,9 +1,9 @@
 """The bundled datasets: readers for the original files and the converted copies the package ships.
 
-Each dataset lives in its own folder here, ``<name>/<name>.npz`` in the `sba_model.data` format,
+Each dataset lives in its own folder here, ``<name>/<name>.npz`` in the `sba_model.forecast.data` format,
 with a ``README.md`` (origin, license, citation) and the upstream license files beside it. The
-copies are written by ``python -m sba_model.datasets.convert`` from the original files, which
-`read_original` reads; ``sba_model.data.load(name)`` reads the shipped copy, or converts from
+copies are written by ``python -m sba_model.forecast.datasets.convert`` from the original files, which
+`read_original` reads; ``sba_model.forecast.data.load(name)`` reads the shipped copy, or converts from
 the originals on the fly when ``$SBA_DATA_ROOT`` points at them.
 """
 
@@ -65,7 +65,7 @@ _READERS = {"los_loop": _los_loop, "sz_taxi": _sz_taxi, "charged_mel": _charged_
 
 def read_original(name: str, root) -> dict:
     """The arrays of dataset ``name`` read from its original files in ``root/<name>/``, as a dict
-    in the `sba_model.data` format (before `sba_model.data.validate`)."""
+    in the `sba_model.forecast.data` format (before `sba_model.forecast.data.validate`)."""
     _check_name(name)
     folder = Path(root) / name
     if not folder.is_dir():
