@@ -189,7 +189,7 @@ def test_every_model_maps_the_shapes(name):
         assert not dead, f"parameters the loss never reaches: {dead}"
 
 
-@pytest.mark.parametrize("name", ["sba", "full_attention", "gru"])
+@pytest.mark.parametrize("name", ["sba", "full_attention", "gru", "stid"])
 def test_residual_models_start_from_the_last_value(name):
     """With a zeroed output head, a residual model predicts exactly the last input step."""
     data = D.synthetic(num_nodes=40, steps=50)
@@ -199,6 +199,45 @@ def test_residual_models_start_from_the_last_value(name):
     torch.nn.init.zeros_(model.head.bias)
     x = torch.randn(2, 12, 40, 1)
     assert torch.allclose(model.eval()(x), x[:, -1:].expand(-1, 4, -1, -1))
+
+
+def _windows(data, starts, in_steps=12, out_steps=4):
+    """x ``[B, in_steps, N, C]``, y ``[B, out_steps, N, C]`` and the last input step's tod, dow
+    ``[B]`` of the windows of ``data`` that begin at ``starts``."""
+    v = torch.from_numpy(data.values)
+    tod, dow = (torch.from_numpy(f) for f in data.time_features())
+    last = torch.tensor(starts) + in_steps - 1
+    return (torch.stack([v[s:s + in_steps] for s in starts]),
+            torch.stack([v[s + in_steps:s + in_steps + out_steps] for s in starts]), tod[last], dow[last])
+
+
+def test_stid_overfits_one_batch():
+    torch.manual_seed(0)
+    data = D.synthetic(num_nodes=10, steps=100)
+    x, y, tod, dow = _windows(data, list(range(0, 80, 10)))
+    model = zoo.STID(zoo.Shape(10, 12, 4, 1, data.steps_per_day), dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = (model(x, tod, dow) - y).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])
+
+
+def test_stid_tells_nodes_apart_by_their_identity():
+    """Every node sees the same window, yet each gets its own forecast: the node embedding."""
+    torch.manual_seed(0)
+    model = zoo.STID(zoo.Shape(5, 12, 4, 1, None)).eval()
+    x = torch.randn(2, 12, 1, 1).expand(-1, -1, 5, -1)
+    y = model(x)
+    assert y.shape == (2, 4, 5, 1)
+    gaps = (y[:, :, :, None] - y[:, :, None]).abs().amax((0, 1, 4))          # [N, N]
+    assert (gaps + torch.eye(5) > 1e-4).all()
+    with pytest.raises(ValueError, match="^tod"):
+        zoo.STID(zoo.Shape(5, 12, 4, 1, 288))(x)
 
 
 def _cfg(tmp_path, path, **kw):

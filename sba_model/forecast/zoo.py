@@ -10,6 +10,8 @@ Baselines:
   ``historical_average``  mean of the input window, per node (T-GCN's HA)
   ``last_value``          the last observed input, repeated
   ``gru``                 one GRU shared by all nodes over each node's history
+  ``stid``                STID: per-node history embedding + node, time-of-day and day-of-week
+                          identity embeddings, then a residual MLP (Shao et al., CIKM 2022)
   ``full_attention``      the same transformer with one subgraph holding every node
 """
 
@@ -23,12 +25,12 @@ from torch import nn
 
 from sba_kernels import Partition
 
-from ..nn.model import SBATransformer
+from ..nn.model import SBATransformer, time_embedding
 from ..graph.partitioning import multiscale_partitions, partition_graph
 from ..graph.pe import laplacian_pe
 
 SBA_VARIANTS = ("sba", "sba_no_inter", "sba_no_multiscale", "sba_no_pe", "sba_random_part")
-BASELINES = ("historical_average", "last_value", "gru", "full_attention")
+BASELINES = ("historical_average", "last_value", "gru", "stid", "full_attention")
 MODELS = SBA_VARIANTS + BASELINES
 
 
@@ -78,6 +80,56 @@ class NodeGRU(nn.Module):
         return y + x[:, -1:] if self.last_value_residual else y
 
 
+class ResidualMLP(nn.Module):
+    """``x + Linear(Dropout(ReLU(Linear(x))))`` on ``[..., D]``, width D throughout."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+class STID(nn.Module):
+    """STID, Spatial-Temporal IDentity (Shao, Zhang, Wang, Wei and Xu, "Spatial-Temporal
+    Identity: A Simple yet Effective Baseline for Multivariate Time Series Forecasting",
+    CIKM 2022): no graph and no attention; nodes are told apart by learned identities.
+
+    Each node's input window ``[T_in, C]`` is flattened and embedded (Linear -> ``dim``, the
+    time series embedding) and concatenated with the node's own learnable embedding (``[N, dim]``,
+    the spatial identity) and, when the data have a calendar (``shape.steps_per_day``), the
+    time-of-day and day-of-week embeddings of the last input step (``dim`` each, the same for
+    every node). ``layers`` residual MLPs (`ResidualMLP`) on the concatenation (width
+    ``dim * (2 + 2 calendar)``) and a Linear head to ``T_out * C`` per node follow.
+
+    forward: x ``[B, T_in, N, C]``, tod / dow ``[B]`` long (needed when the calendar is on)
+    -> ``[B, T_out, N, C]``. With ``last_value_residual`` it predicts the change from the last
+    input step."""
+
+    def __init__(self, shape: Shape, dim: int = 32, layers: int = 3, dropout: float = 0.15,
+                 last_value_residual: bool = False):
+        super().__init__()
+        self.shape, self.last_value_residual = shape, last_value_residual
+        self.series = nn.Linear(shape.in_steps * shape.channels, dim)
+        self.node = nn.Parameter(nn.init.xavier_uniform_(torch.empty(shape.num_nodes, dim)))
+        calendar = shape.steps_per_day is not None
+        self.tod = nn.Embedding(shape.steps_per_day, dim) if calendar else None
+        self.dow = nn.Embedding(7, dim) if calendar else None
+        width = dim * (4 if calendar else 2)
+        self.mlp = nn.Sequential(*(ResidualMLP(width, dropout) for _ in range(layers)))
+        self.head = nn.Linear(width, shape.out_steps * shape.channels)
+
+    def forward(self, x, tod=None, dow=None):
+        B, T, N, C = x.shape
+        parts = [self.series(x.permute(0, 2, 1, 3).reshape(B, N, T * C)), self.node.expand(B, -1, -1)]
+        if self.tod is not None:
+            parts += [time_embedding(name, table, ids, B).expand(-1, N, -1)
+                      for name, table, ids in (("tod", self.tod, tod), ("dow", self.dow, dow))]
+        y = self.head(self.mlp(torch.cat(parts, -1))).view(B, N, self.shape.out_steps, C).permute(0, 2, 1, 3)
+        return y + x[:, -1:] if self.last_value_residual else y
+
+
 def _random_like(partition: Partition, seed: int) -> Partition:
     """Random node groups with the sizes of ``partition``'s subgraphs."""
     order = torch.from_numpy(np.random.default_rng(seed).permutation(partition.num_nodes))
@@ -96,6 +148,8 @@ def build(name: str, adjacency, shape: Shape, *, parts, dim: int = 64, num_heads
         return LastValue(shape)
     if name == "gru":
         return NodeGRU(shape, hidden=dim, last_value_residual=last_value_residual)
+    if name == "stid":
+        return STID(shape, dim=dim, dropout=dropout, last_value_residual=last_value_residual)
     if name not in SBA_VARIANTS + ("full_attention",):
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     common = dict(in_steps=shape.in_steps, in_channels=shape.channels, out_steps=shape.out_steps,

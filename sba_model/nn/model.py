@@ -17,6 +17,17 @@ from ..graph.pe import laplacian_pe
 __all__ = ["SBATransformer"]
 
 
+def time_embedding(name: str, table: Optional[nn.Embedding], ids: Optional[torch.Tensor], batch: int):
+    """``table(ids)`` as ``[B, 1, D]`` to broadcast over the nodes, or 0.0 when ``table`` is None
+    (the embedding is off). ``ids``: ``[B]`` long (time-of-day slot or day of week of the last
+    input step); ``name`` names the argument in the error when they are missing or misshapen."""
+    if table is None:
+        return 0.0
+    if ids is None or ids.shape != (batch,):
+        raise ValueError(f"{name} must be a [B={batch}] long tensor when its embedding is enabled")
+    return table(ids.long()).unsqueeze(1)
+
+
 class SBATransformer(nn.Module):
     """Forecast ``[B, T_out, N, C_out]`` from ``[B, T_in, N, C]``.
 
@@ -146,8 +157,8 @@ class SBATransformer(nn.Module):
             if self.training:
                 pe = pe * (self._pe_signs(pe.shape[1]).to(pe.device) * 2 - 1)
             tokens = tokens + self.pe_proj(pe)
-        tokens = tokens + self._time_embedding("tod", self.tod, tod, B)
-        tokens = tokens + self._time_embedding("dow", self.dow, dow, B)
+        tokens = tokens + time_embedding("tod", self.tod, tod, B)
+        tokens = tokens + time_embedding("dow", self.dow, dow, B)
         for block in self.blocks:
             tokens = block(tokens)
         y = self.head(self.norm(tokens)).view(B, n, self.out_steps, self.out_channels).permute(0, 2, 1, 3)
@@ -158,11 +169,3 @@ class SBATransformer(nn.Module):
         `torch.Generator`: the same flips on every rank of a spatial shard), else the global RNG."""
         g = self.pe_generator
         return torch.randint(0, 2, (1, k), generator=g, device=self.pe.device if g is None else g.device)
-
-    @staticmethod
-    def _time_embedding(name, table: Optional[nn.Embedding], ids: Optional[torch.Tensor], batch: int):
-        if table is None:
-            return 0.0
-        if ids is None or ids.shape != (batch,):
-            raise ValueError(f"{name} must be a [B={batch}] long tensor when its embedding is enabled")
-        return table(ids.long()).unsqueeze(1)
