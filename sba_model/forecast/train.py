@@ -7,7 +7,8 @@ A run folder (``--run-dir``, default ``runs/<data>-<model>``) gets
   a killed run never leaves a broken one. ``--resume`` continues from ``last.pt`` with the same
   optimizer, scheduler and random-number state;
 * ``metrics.json``: test MAE, RMSE and MAPE per reported horizon and averaged, from the
-  checkpoint with the best validation MAE;
+  checkpoint with the best validation MAE, and the history: training MAE, validation MAE and
+  seconds since the start, per epoch (empty for the models without weights);
 * ``learning_curve.png``: training loss and validation MAE per epoch.
 
 The loss is masked MAE on de-normalised values: missing values count in neither loss nor metrics.
@@ -228,25 +229,35 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _plot_curve(history: list[dict], path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to the PNG ``path`` atomically (temporary file, then rename) and close it."""
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    pyplot().close(fig)
+
+
+def _plot_curve(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.plot(epochs, [h["train_mae"] for h in history], label="train MAE (loss)")
     ax.plot(epochs, [h["val_mae"] for h in history], label="validation MAE")
     ax.set_xlabel("epoch")
     ax.set_ylabel("MAE (data units)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _parallel_model(model, ranks: Ranks, device):
@@ -380,7 +391,7 @@ def run(cfg: TrainConfig) -> dict:
                "parameters": sum(p.numel() for p in model.parameters()),
                "epochs_run": len(history), "best_val_mae": None if not history else best_val,
                "train_seconds": time.perf_counter() - started,
-               "test": test.result(horizons, series.step_minutes)}
+               "test": test.result(horizons, series.step_minutes), "history": history}
     if ranks.main:
         tmp = run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=1))
