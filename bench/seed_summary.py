@@ -1,19 +1,22 @@
-"""Mean and spread over seeds of the tables `python -m sba_model.forecast.compare` writes.
+"""Mean and spread over seeds of one-seed tables written separately by
+`python -m sba_model.forecast.compare` (``--seeds S``, or the older single-seed tables), e.g.
+on different machines; one ``compare`` run over several seeds summarises itself.
 
     python bench/seed_summary.py bench/results/los_loop.md bench/results/los_loop_seed1.md \\
         bench/results/los_loop_seed2.md --out bench/results/los_loop_seeds.md
 
 Reads each table's ``avg MAE`` and ``avg RMSE`` columns by header name. A model is
-summarised over the files that have it; the per-seed values are listed so nothing is hidden.
+summarised over the files that have it, with ``compare``'s mean ± sample sd; the per-seed
+values are listed so nothing is hidden.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 from pathlib import Path
+
+from sba_model.forecast.compare import mean_sd, spread, write_text_atomic
 
 COLUMNS = ("avg MAE", "avg RMSE")
 
@@ -28,23 +31,25 @@ def read_table(path: Path) -> dict[str, dict[str, float]]:
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise ValueError(f"{path}: table has no column {missing[0]!r}")
+    several = [row[0] for row in cells[2:] if any("±" in row[header.index(c)] for c in COLUMNS)]
+    if several:
+        raise ValueError(f"{path}: {several[0]} holds a mean over several seeds; pass tables of one seed each")
     return {row[0]: {c: float(row[header.index(c)].strip("*")) for c in COLUMNS} for row in cells[2:]}
 
 
 def summarise(paths: list[Path]) -> str:
+    """Markdown, one row per model, lowest mean avg MAE first: files holding it, mean ± sd of
+    each of `COLUMNS`, avg MAE of each file (– where the file lacks the model)."""
     tables = [read_table(p) for p in paths]
     models = list(dict.fromkeys(m for t in tables for m in t))
+    values = {m: {c: [t[m][c] for t in tables if m in t] for c in COLUMNS} for m in models}
     lines = ["| model | seeds | " + " | ".join(f"{c} mean ± sd" for c in COLUMNS) + " | avg MAE per file |",
              "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |"]
-    for m in sorted(models, key=lambda m: statistics.mean(t[m]["avg MAE"] for t in tables if m in t)):
-        have = [t[m] for t in tables if m in t]
-        stats = []
-        for c in COLUMNS:
-            values = [h[c] for h in have]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else " (one seed)"
-            stats.append(f"{statistics.mean(values):.3f}{spread}")
+    for m in sorted(models, key=lambda m: mean_sd(values[m]["avg MAE"])[0]):
+        seeds = len(values[m]["avg MAE"])
+        stats = [spread(values[m][c]) + (" (one seed)" if seeds == 1 else "") for c in COLUMNS]
         per_file = ", ".join(f"{t[m]['avg MAE']:.3f}" if m in t else "–" for t in tables)
-        lines.append(f"| {m} | {len(have)} | " + " | ".join(stats) + f" | {per_file} |")
+        lines.append(f"| {m} | {seeds} | " + " | ".join(stats) + f" | {per_file} |")
     return "\n".join(lines) + "\n"
 
 
@@ -60,9 +65,7 @@ def main(argv=None) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)                      # atomic: a reader never sees half a file
+    write_text_atomic(args.out, text)
     return 0
 
 

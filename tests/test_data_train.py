@@ -287,16 +287,3 @@ def test_cli_trains_on_a_user_file(tmp_path, capsys):
     assert np.isfinite(metrics["test"]["average"]["MAE"])
     assert "test MAE" in capsys.readouterr().out
 
-
-def test_compare_writes_one_table_for_a_user_file(tmp_path):
-    from sba_model.forecast import compare
-
-    path = tmp_path / "mine.npz"
-    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
-    out = tmp_path / "table.md"
-    compare.main(["--data", str(path), "--models", "sba", "last_value", "gru", "--epochs", "1", "--parts", "4", "2",
-                  "--dim", "16", "--runs", str(tmp_path / "runs"), "--out", str(out)])
-    text = out.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| ---"))]
-    assert [r.split("|")[1].strip() for r in rows] == ["sba", "last_value", "gru"]
-    assert "python -m sba_model.forecast.compare --data" in text and text.count("**") == 2     # one best MAE in bold

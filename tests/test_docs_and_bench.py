@@ -70,3 +70,6 @@ def test_seed_summary_means_and_spreads(tmp_path):
     (tmp_path / "c.md").write_text("| model | MAE |\n| --- | --- |\n| sba | 1 |\n")
     with pytest.raises(ValueError, match="no column 'avg MAE'"):
         main([str(tmp_path / "c.md")])
+    (tmp_path / "d.md").write_text(head + "| sba | 1 | **4.1 ± 0.1** | 7.2 ± 0.3 | 3, 3 |\n")
+    with pytest.raises(ValueError, match="sba holds a mean over several seeds"):
+        main([str(tmp_path / "d.md")])
