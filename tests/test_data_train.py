@@ -238,6 +238,8 @@ def test_stid_tells_nodes_apart_by_their_identity():
     assert (gaps + torch.eye(5) > 1e-4).all()
     with pytest.raises(ValueError, match="^tod"):
         zoo.STID(zoo.Shape(5, 12, 4, 1, 288))(x)
+    with pytest.raises(ValueError, match=r"^x must be \[B, 12, 5, 1\]"):
+        model(x[:, :, :4])
 
 
 def _cfg(tmp_path, path, **kw):

@@ -100,8 +100,9 @@ class STID(nn.Module):
     time series embedding) and concatenated with the node's own learnable embedding (``[N, dim]``,
     the spatial identity) and, when the data have a calendar (``shape.steps_per_day``), the
     time-of-day and day-of-week embeddings of the last input step (``dim`` each, the same for
-    every node). ``layers`` residual MLPs (`ResidualMLP`) on the concatenation (width
-    ``dim * (2 + 2 calendar)``) and a Linear head to ``T_out * C`` per node follow.
+    every node). ``layers`` residual MLPs (`ResidualMLP`) on the concatenation (width ``2 * dim``,
+    ``4 * dim`` with the calendar) and a Linear head to ``T_out * C`` per node follow. The paper
+    uses ``dim`` 32, 3 layers, dropout 0.15; `build` passes the harness's ``dim`` and dropout.
 
     forward: x ``[B, T_in, N, C]``, tod / dow ``[B]`` long (needed when the calendar is on)
     -> ``[B, T_out, N, C]``. With ``last_value_residual`` it predicts the change from the last
@@ -121,12 +122,15 @@ class STID(nn.Module):
         self.head = nn.Linear(width, shape.out_steps * shape.channels)
 
     def forward(self, x, tod=None, dow=None):
+        s = self.shape
+        if x.dim() != 4 or tuple(x.shape[1:]) != (s.in_steps, s.num_nodes, s.channels):
+            raise ValueError(f"x must be [B, {s.in_steps}, {s.num_nodes}, {s.channels}], got {tuple(x.shape)}")
         B, T, N, C = x.shape
         parts = [self.series(x.permute(0, 2, 1, 3).reshape(B, N, T * C)), self.node.expand(B, -1, -1)]
         if self.tod is not None:
             parts += [time_embedding(name, table, ids, B).expand(-1, N, -1)
                       for name, table, ids in (("tod", self.tod, tod), ("dow", self.dow, dow))]
-        y = self.head(self.mlp(torch.cat(parts, -1))).view(B, N, self.shape.out_steps, C).permute(0, 2, 1, 3)
+        y = self.head(self.mlp(torch.cat(parts, -1))).view(B, N, s.out_steps, C).permute(0, 2, 1, 3)
         return y + x[:, -1:] if self.last_value_residual else y
 
 
