@@ -10,6 +10,7 @@ from sba_model import (SBATransformer, gaussian_kernel_adjacency, haversine_dist
                        model_partitions, multiscale_partitions, partition_graph, permute_graph, to_csr,
                        token_levels)
 from sba_model.graph import adjacency as adjacency_module
+from sba_model.graph import partitioning
 from sba_model.graph.partitioning import hierarchy_parts, nested_levels
 from sba_model.graph import pe as pe_module
 from sba_model.graph.pe import normalized_laplacian
@@ -119,6 +120,49 @@ def test_partition_graph_balanced_and_complete(num_parts):
     assert part.num_parts == num_parts
     # METIS k-way default imbalance: ufactor 30, i.e. 1.03 x the average part.
     assert int(part.lengths.max()) <= math.ceil(1.03 * 2000 / num_parts)
+
+
+def _cut_weight(csr, assignment):
+    coo = csr.tocoo()
+    return coo.data[assignment[coo.row] != assignment[coo.col]].sum() / 2
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_many_parts_are_cut_in_two_stages_as_well_as_in_one(monkeypatch, weighted):
+    rng = np.random.default_rng(7)
+    adj = knn_adjacency(rng.random((3000, 2)), 6)
+    vweights = rng.integers(1, 4, 3000) if weighted else None
+    one_stage = partitioning.metis_assignment(adj, 96, vweights=vweights)
+    monkeypatch.setattr(partitioning, "_KWAY_MAX_PARTS", 32)       # 96 parts: 6 regions of 16
+    monkeypatch.setattr(partitioning, "_REGION_PARTS", 16)
+    calls = []
+    kway = partitioning._kway_assignment
+    monkeypatch.setattr(partitioning, "_kway_assignment",
+                        lambda a, k, **kw: calls.append(k) or kway(a, k, **kw))
+    two_stage = partitioning.metis_assignment(adj, 96, vweights=vweights)
+    assert calls[0] == 6 and len(calls) == 7 and max(calls) <= 32 and sum(calls[1:]) == 96
+    weight = np.ones(3000) if vweights is None else vweights
+    load = np.bincount(two_stage, weights=weight, minlength=96)
+    assert set(np.unique(two_stage)) == set(range(96))                 # every part used, ids in range
+    assert load.max() <= 1.15 * weight.sum() / 96                         # balanced (1.03 per stage + rounding)
+    assert _cut_weight(adj, two_stage) <= 1.15 * _cut_weight(adj, one_stage)
+    # each part lies inside one first-stage region: parts never straddle a region boundary
+    monkeypatch.setattr(partitioning, "_KWAY_MAX_PARTS", 2048)
+    regions = partitioning.metis_assignment(adj, 6, vweights=vweights)
+    assert all(len(np.unique(regions[two_stage == p])) == 1 for p in range(96))
+
+
+def test_quotient_graph_sums_the_edges_between_parts():
+    rng = np.random.default_rng(3)
+    dense = np.triu(rng.random((40, 40)) * (rng.random((40, 40)) < 0.2), 1)
+    dense += dense.T
+    assignment = rng.integers(0, 5, 40)
+    expected = np.zeros((5, 5))
+    for i, j in zip(*np.nonzero(dense)):
+        if assignment[i] != assignment[j]:
+            expected[assignment[i], assignment[j]] += dense[i, j]
+    got = partitioning._quotient_graph(to_csr(dense), assignment, 5)
+    assert np.allclose(got.toarray(), expected) and got.diagonal().sum() == 0
 
 
 def test_partition_graph_keeps_subgraphs_connected_on_a_grid():

@@ -54,7 +54,7 @@ def test_graph_bias_blocks_and_gradient():
     np.fill_diagonal(dense, 1)
     for p, nodes in enumerate(part.parts()):
         assert np.allclose(blocks[p, : len(nodes), : len(nodes)].numpy(), dense[np.ix_(nodes, nodes)])
-        assert torch.all(blocks[p, len(nodes):] == 0)
+        assert torch.all(blocks[p, len(nodes):] == 0) and torch.all(blocks[p, :, len(nodes):] == 0)
     with pytest.raises(ValueError, match="num_nodes"):
         subgraph_blocks(adj[:50, :50], part)
     layer = SBAttention(16, 2, part, adjacency=adj)
