@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sba_model.forecast import data as D
+from sba_model.graph import gaussian_kernel_adjacency, haversine_distances
 from sba_model.forecast import train, zoo
 from sba_model.forecast.datasets import convert, read_original, shipped_file
 
@@ -26,7 +27,9 @@ def _arrays(T=200, N=12, C=2, seed=0):
     (lambda a: a.update(values=np.zeros((5, 5, 5, 5))), "values"),
     (lambda a: a.update(mask=np.ones((3, 3, 3), bool)), "mask"),
     (lambda a: a.pop("distances"), "adjacency"),
-    (lambda a: a.update(coords=np.zeros((12, 2))), "adjacency"),          # two graph keys
+    (lambda a: a.update(adjacency=np.zeros((12, 12))), "adjacency"),     # two graph keys
+    (lambda a: a.update(coords=np.zeros((11, 2))), "coords"),
+    (lambda a: a.update(coords=np.full((12, 2), np.nan)), "coords"),
     (lambda a: a.update(distances=np.zeros((11, 11))), "distances"),
     (lambda a: a.update(timestamps=a["timestamps"][::-1]), "timestamps"),
     (lambda a: a.update(timestamps=a["timestamps"][:10]), "timestamps"),
@@ -59,6 +62,20 @@ def test_user_file_round_trip_and_time_features(tmp_path):
     tod, dow = back.time_features()
     assert tod[0] == 0 and tod[12] == 12 and dow[0] == 0          # 2024-03-04 is a Monday
     assert tod[288] == 0 and dow[288] == 1
+
+
+def test_coords_place_the_sensors_beside_a_graph_or_make_it_alone(tmp_path):
+    arrays = _arrays(T=50)
+    coords = np.random.default_rng(1).uniform([34.0, -118.5], [34.2, -118.2], size=(12, 2))
+    placed = D.validate(dict(arrays, coords=coords))
+    assert np.array_equal(placed.coords, coords)
+    assert (placed.adjacency != D.validate(arrays).adjacency).nnz == 0         # the graph is the distances'
+    D.save_npz(placed, tmp_path / "placed.npz")
+    assert np.array_equal(D.load(str(tmp_path / "placed.npz")).coords, coords)
+    alone = D.validate({"values": arrays["values"], "coords": coords})
+    expected = gaussian_kernel_adjacency(haversine_distances(coords[:, 0], coords[:, 1]))
+    assert np.array_equal(alone.coords, coords) and (alone.adjacency != expected).nnz == 0
+    assert D.validate(arrays).coords is None
 
 
 # name: (shape, steps per day, first timestamp, edges of the symmetric adjacency counted both ways)

@@ -8,9 +8,11 @@ The format is one ``.npz`` file with
   left out of the loss and the metrics. NaN in ``values`` is allowed only where ``mask`` is False;
 * ``timestamps`` optional ``[T]`` datetime64 or int64 seconds since 1970, evenly spaced. They
   enable time-of-day and day-of-week features;
-* one of ``adjacency`` ``[N, N]`` (weights), ``distances`` ``[N, N]`` (thresholded Gaussian
-  kernel, as in DCRNN), or ``coords`` ``[N, 2]`` (latitude, longitude in degrees: haversine
-  distances, then the same kernel).
+* the graph: ``adjacency`` ``[N, N]`` (weights) or ``distances`` ``[N, N]`` (thresholded
+  Gaussian kernel, as in DCRNN);
+* ``coords`` ``[N, 2]``: the sensors' latitude and longitude in degrees. Beside ``adjacency`` or
+  ``distances`` they only place the sensors (for maps); alone they make the graph (haversine
+  distances, then the same kernel). One of the three is required.
 
 Write one with `save_npz` (or ``numpy.savez``) and train with
 ``python -m sba_model.forecast.train --data your_file.npz``. The bundled datasets ship in this format
@@ -46,6 +48,7 @@ class SeriesData:
     mask: np.ndarray                       # bool    [T, N, C]
     adjacency: sp.csr_matrix               # [N, N]
     timestamps: Optional[np.ndarray] = None  # datetime64[s] [T]
+    coords: Optional[np.ndarray] = None      # float64 [N, 2]: latitude, longitude in degrees
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -112,20 +115,26 @@ def validate(arrays: dict, name: str = "data") -> SeriesData:
             _fail("timestamps", "must be increasing and evenly spaced")
         timestamps = ts
 
-    graphs = [k for k in ("adjacency", "distances", "coords") if k in arrays]
-    if len(graphs) != 1:
-        _fail("adjacency", f"give exactly one of adjacency, distances, coords; got {graphs or 'none'}")
-    key = graphs[0]
-    g = np.asarray(arrays[key], dtype=np.float64)
-    if key == "coords":
-        if g.shape != (N, 2):
-            _fail("coords", f"must be [N, 2] = [{N}, 2] (lat, lon), got {g.shape}")
-        adjacency = gaussian_kernel_adjacency(haversine_distances(g[:, 0], g[:, 1]))
-    else:
+    coords = None
+    if "coords" in arrays:
+        coords = np.asarray(arrays["coords"], dtype=np.float64)
+        if coords.shape != (N, 2):
+            _fail("coords", f"must be [N, 2] = [{N}, 2] (lat, lon), got {coords.shape}")
+        if not np.isfinite(coords).all():
+            _fail("coords", "must be finite")
+    graphs = [k for k in ("adjacency", "distances") if k in arrays]
+    if len(graphs) > 1 or (not graphs and coords is None):
+        _fail("adjacency", f"give one of adjacency, distances (coords may go beside it) or coords alone; "
+                           f"got {graphs or 'none'}")
+    if graphs:
+        key = graphs[0]
+        g = np.asarray(arrays[key], dtype=np.float64)
         if g.shape != (N, N):
             _fail(key, f"must be [N, N] = [{N}, {N}], got {g.shape}")
         adjacency = gaussian_kernel_adjacency(g) if key == "distances" else to_csr(g)
-    return SeriesData(name, values.astype(np.float32), mask, adjacency, timestamps)
+    else:
+        adjacency = gaussian_kernel_adjacency(haversine_distances(coords[:, 0], coords[:, 1]))
+    return SeriesData(name, values.astype(np.float32), mask, adjacency, timestamps, coords)
 
 
 def load_npz(path) -> SeriesData:
@@ -143,6 +152,8 @@ def save_npz(data: SeriesData, path) -> None:
     arrays = dict(values=data.values, mask=data.mask, adjacency=data.adjacency.toarray())
     if data.timestamps is not None:
         arrays["timestamps"] = data.timestamps.astype("datetime64[s]").astype(np.int64)
+    if data.coords is not None:
+        arrays["coords"] = data.coords
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
 
