@@ -95,6 +95,11 @@ def test_bundled_datasets_load_from_the_shipped_files(name, monkeypatch):
     assert data.steps_per_day == per_day and data.timestamps[0] == np.datetime64(start)
     adj = data.adjacency
     assert adj.nnz == edges and (adj != adj.T).nnz == 0 and adj.diagonal().sum() == 0
+    if name == "los_loop":                   # METR-LA sensors, Los Angeles
+        lat, lon = data.coords.T
+        assert data.coords.shape == (207, 2) and 34.0 < lat.min() < lat.max() < 34.3 and -118.6 < lon.min() < lon.max() < -118.1
+    else:
+        assert data.coords is None
     folder = shipped_file(name).parent
     readme = (folder / "README.md").read_text()
     assert all(part in readme for part in ("## License", "## Cite", "commit", f"{name}.npz"))
@@ -120,7 +125,8 @@ def test_converter_on_the_originals_rebuilds_the_shipped_files(tmp_path, monkeyp
     assert written == [shipped_file(name, tmp_path) for name in BUNDLED]
     for name in BUNDLED:
         with np.load(shipped_file(name, tmp_path)) as fresh, np.load(shipped_file(name)) as shipped:
-            assert sorted(fresh.files) == sorted(shipped.files) == ["adjacency", "mask", "timestamps", "values"]
+            keys = ["adjacency", "mask", "timestamps", "values"] + (["coords"] if name == "los_loop" else [])
+            assert sorted(fresh.files) == sorted(shipped.files) == sorted(keys)
             for key in fresh.files:
                 assert fresh[key].dtype == shipped[key].dtype and np.array_equal(fresh[key], shipped[key]), (name, key)
         licenses = sorted(p.name for p in (ORIGINALS / name).glob("LICENSE*"))
@@ -134,12 +140,19 @@ def test_converter_on_the_originals_rebuilds_the_shipped_files(tmp_path, monkeyp
         copy = D.load(name)
         assert np.array_equal(live.values, copy.values) and np.array_equal(live.mask, copy.mask)
         assert np.array_equal(live.timestamps, copy.timestamps) and (live.adjacency != copy.adjacency).nnz == 0
+        assert (live.coords is None and copy.coords is None) or np.array_equal(live.coords, copy.coords)
 
     # volume.csv lists sites as 0, 1, 10, 11, ...: site 10 must land in column 10.
     volume = ORIGINALS / "charged_mel" / "volume.csv"
     header = volume.read_text().splitlines()[0].split(",")
     site10 = np.loadtxt(volume, delimiter=",", skiprows=1, usecols=header.index("10"))
     assert np.array_equal(D.load("charged_mel").values[:, 10, 0], site10.astype(np.float32))
+
+    # los_loop's columns are METR-LA sensor ids; each gets the location DCRNN lists for that id.
+    sensors = (ORIGINALS / "los_loop" / "los_speed.csv").read_text().splitlines()[0].split(",")
+    locations = np.loadtxt(ORIGINALS / "los_loop" / "metr_la_graph_sensor_locations.csv", delimiter=",", skiprows=1)
+    where = {int(row[1]): row[2:4] for row in locations}
+    assert np.array_equal(D.load("los_loop").coords, np.array([where[int(s)] for s in sensors]))
 
 
 def test_synthetic_has_local_structure():
