@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sba_model.forecast import data as D
-from sba_model.graph import gaussian_kernel_adjacency, haversine_distances
+from sba_model.graph import gaussian_kernel_adjacency, haversine_distances, knn_adjacency
 from sba_model.forecast import train, zoo
 from sba_model.forecast.datasets import convert, read_original, shipped_file
 
@@ -97,7 +97,8 @@ def test_bundled_datasets_load_from_the_shipped_files(name, monkeypatch):
     assert adj.nnz == edges and (adj != adj.T).nnz == 0 and adj.diagonal().sum() == 0
     if name == "los_loop":                   # METR-LA sensors, Los Angeles
         lat, lon = data.coords.T
-        assert data.coords.shape == (207, 2) and 34.0 < lat.min() < lat.max() < 34.3 and -118.6 < lon.min() < lon.max() < -118.1
+        assert data.coords.shape == (207, 2)
+        assert 34.0 < lat.min() < lat.max() < 34.3 and -118.6 < lon.min() < lon.max() < -118.1
     else:
         assert data.coords is None
     folder = shipped_file(name).parent
@@ -165,6 +166,37 @@ def test_synthetic_has_local_structure():
 
 
 # ----------------------------------------------------------------------------- windows and splits
+def test_synthetic_large_has_local_and_long_range_structure():
+    s = D.load("synthetic_large:2000:960")
+    assert s.name == "synthetic_large" and s.shape == (960, 2000, 1) and s.values.dtype == np.float32
+    assert np.isfinite(s.values).all() and s.mask.all() and s.steps_per_day == 96
+    assert s.coords.shape == (2000, 2) and 0 <= s.coords.min() and s.coords.max() <= 1
+    adj = s.adjacency
+    assert (adj != adj.T).nnz == 0 and adj.diagonal().sum() == 0 and np.diff(adj.indptr).min() >= 8
+    assert (adj != knn_adjacency(s.coords, 8)).nnz == 0                   # the symmetric 8-NN graph of the sensors
+    rows, cols = adj.nonzero()
+    lat, lon = s.coords.T
+    apart = np.hypot(lat[:, None] - lat[None], lon[:, None] - lon[None])
+    corr = np.corrcoef(s.values[:, :, 0].T)
+    pairs = corr[np.triu_indices(2000, 1)].mean()
+    near = corr[rows, cols].mean()
+    assert near > pairs + 0.2 and near > corr[(apart > 0.1) & (apart < 0.2)].mean() + 0.2
+    assert corr[apart > 0.6].mean() > 0.2                                  # the factors tie distant sensors together
+    local = np.corrcoef(D.synthetic_large(2000, 960, factors=0).values[:, :, 0].T)
+    assert local[rows, cols].mean() > 0.6 and abs(local[apart > 0.6].mean()) < 0.02   # without them, nothing far
+
+
+def test_synthetic_large_names_bad_sizes():
+    with pytest.raises(ValueError, match="^data: write synthetic_large"):
+        D.load("synthetic_large:many")
+    with pytest.raises(ValueError, match="^data: write synthetic_large"):
+        D.load("synthetic_large:10:20:30")
+    with pytest.raises(ValueError, match="^num_nodes must be an int >= 9"):
+        D.load("synthetic_large:8")
+    with pytest.raises(ValueError, match="^factors must be an int >= 0"):
+        D.synthetic_large(50, 10, factors=-1)
+
+
 def test_windows_slice_the_series_and_stay_inside_their_range():
     data = D.validate(_arrays(T=300))
     windows, scaler = D.split_windows(data, 12, 4)

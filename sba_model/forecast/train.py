@@ -449,7 +449,10 @@ def run(cfg: TrainConfig) -> dict:
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="sba-train", description=__doc__.split("\n\n")[0])
     d = TrainConfig()
-    p.add_argument("--data", default=d.data, help=f"one of {datasets.BUILTIN} or a .npz in the sba_model.forecast.data format")
+    p.add_argument("--data", default=d.data,
+                   help=f"one of {datasets.BUILTIN}, synthetic_large:N[:STEPS] (N sensors, STEPS steps; defaults "
+                        f"{datasets.LARGE_NODES} and {datasets.LARGE_STEPS}) or a .npz in the sba_model.forecast.data "
+                        "format")
     p.add_argument("--model", default=d.model, choices=zoo.MODELS)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
