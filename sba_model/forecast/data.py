@@ -192,6 +192,11 @@ def synthetic(num_nodes: int = 120, steps: int = 2016, *, factors: int = 3, seed
                       adjacency, even_timestamps("2024-01-01T00:00", steps, 5))
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 def synthetic_large(num_nodes: int = LARGE_NODES, steps: int = LARGE_STEPS, *, k: int = 8, grid: int = 4,
                     factors: int = 4, seed: int = 0) -> SeriesData:
     """A spatial process on a k-NN graph with local and long-range structure, for graphs far past
@@ -209,10 +214,10 @@ def synthetic_large(num_nodes: int = LARGE_NODES, steps: int = LARGE_STEPS, *, k
     edges: every shock spreads over graph neighbours, so the local field is smooth and near
     sensors are correlated, the more the nearer (local structure; without factors, at N = 2,000,
     the correlation is about 0.8 between graph neighbours and 0.02 between sensors 0.1 to 0.2
-    degrees apart). The factors ``g_t`` are
-    daily cycles plus slow AR(1) swings. The square is cut into ``grid x grid`` regions; factor
-    0 loads on every region, each other factor on a random quarter of them, scattered over the
-    square, so regions far apart move together (long-range structure). ``C`` ``[N, factors]``
+    degrees apart). The factors ``g_t`` are daily cycles plus slow AR(1) swings. The square is
+    cut into ``grid x grid`` regions; factor 0 loads on every region, each other factor on a
+    random quarter of them, scattered over the square, so regions far apart move together
+    (long-range structure). ``C`` ``[N, factors]``
     is the loading of the sensor's region (uniform 0.5 to 1.5 where it loads) times a
     per-sensor uniform 0.8 to 1.2. ``factors=0`` leaves the local field alone.
 
@@ -220,10 +225,9 @@ def synthetic_large(num_nodes: int = LARGE_NODES, steps: int = LARGE_STEPS, *, k
     (T N bytes: 67 MB) and the graph (about 9.2 N nonzeros for k = 8: 11 MB at the defaults);
     the generation itself adds O(N) and takes about 5 s at the defaults on one CPU thread.
     """
-    for name, value, low in (("num_nodes", num_nodes, k + 1), ("steps", steps, 1), ("k", k, 1), ("grid", grid, 1),
-                             ("factors", factors, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value, low in (("k", k, 1), ("steps", steps, 1), ("grid", grid, 1), ("factors", factors, 0)):
+        _check_int(name, value, low)
+    _check_int("num_nodes", num_nodes, k + 1)
     rng = np.random.default_rng(seed)
     points = rng.random((num_nodes, 2))
     adjacency = knn_adjacency(points, k)
