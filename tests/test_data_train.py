@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sba_model.forecast import data as D
+from sba_model.graph import gaussian_kernel_adjacency, haversine_distances, knn_adjacency
 from sba_model.forecast import train, zoo
 from sba_model.forecast.datasets import convert, read_original, shipped_file
 
@@ -26,7 +27,9 @@ def _arrays(T=200, N=12, C=2, seed=0):
     (lambda a: a.update(values=np.zeros((5, 5, 5, 5))), "values"),
     (lambda a: a.update(mask=np.ones((3, 3, 3), bool)), "mask"),
     (lambda a: a.pop("distances"), "adjacency"),
-    (lambda a: a.update(coords=np.zeros((12, 2))), "adjacency"),          # two graph keys
+    (lambda a: a.update(adjacency=np.zeros((12, 12))), "adjacency"),     # two graph keys
+    (lambda a: a.update(coords=np.zeros((11, 2))), "coords"),
+    (lambda a: a.update(coords=np.full((12, 2), np.nan)), "coords"),
     (lambda a: a.update(distances=np.zeros((11, 11))), "distances"),
     (lambda a: a.update(timestamps=a["timestamps"][::-1]), "timestamps"),
     (lambda a: a.update(timestamps=a["timestamps"][:10]), "timestamps"),
@@ -61,6 +64,20 @@ def test_user_file_round_trip_and_time_features(tmp_path):
     assert tod[288] == 0 and dow[288] == 1
 
 
+def test_coords_place_the_sensors_beside_a_graph_or_make_it_alone(tmp_path):
+    arrays = _arrays(T=50)
+    coords = np.random.default_rng(1).uniform([34.0, -118.5], [34.2, -118.2], size=(12, 2))
+    placed = D.validate(dict(arrays, coords=coords))
+    assert np.array_equal(placed.coords, coords)
+    assert (placed.adjacency != D.validate(arrays).adjacency).nnz == 0         # the graph is the distances'
+    D.save_npz(placed, tmp_path / "placed.npz")
+    assert np.array_equal(D.load(str(tmp_path / "placed.npz")).coords, coords)
+    alone = D.validate({"values": arrays["values"], "coords": coords})
+    expected = gaussian_kernel_adjacency(haversine_distances(coords[:, 0], coords[:, 1]))
+    assert np.array_equal(alone.coords, coords) and (alone.adjacency != expected).nnz == 0
+    assert D.validate(arrays).coords is None
+
+
 # name: (shape, steps per day, first timestamp, edges of the symmetric adjacency counted both ways)
 BUNDLED = {"los_loop": ((2016, 207, 1), 288, "2012-03-01T00:00", 2626),
            "sz_taxi": ((2976, 156, 1), 96, "2015-01-01T00:00", 534),
@@ -78,6 +95,12 @@ def test_bundled_datasets_load_from_the_shipped_files(name, monkeypatch):
     assert data.steps_per_day == per_day and data.timestamps[0] == np.datetime64(start)
     adj = data.adjacency
     assert adj.nnz == edges and (adj != adj.T).nnz == 0 and adj.diagonal().sum() == 0
+    if name == "los_loop":                   # METR-LA sensors, Los Angeles
+        lat, lon = data.coords.T
+        assert data.coords.shape == (207, 2)
+        assert 34.0 < lat.min() < lat.max() < 34.3 and -118.6 < lon.min() < lon.max() < -118.1
+    else:
+        assert data.coords is None
     folder = shipped_file(name).parent
     readme = (folder / "README.md").read_text()
     assert all(part in readme for part in ("## License", "## Cite", "commit", f"{name}.npz"))
@@ -103,7 +126,8 @@ def test_converter_on_the_originals_rebuilds_the_shipped_files(tmp_path, monkeyp
     assert written == [shipped_file(name, tmp_path) for name in BUNDLED]
     for name in BUNDLED:
         with np.load(shipped_file(name, tmp_path)) as fresh, np.load(shipped_file(name)) as shipped:
-            assert sorted(fresh.files) == sorted(shipped.files) == ["adjacency", "mask", "timestamps", "values"]
+            keys = ["adjacency", "mask", "timestamps", "values"] + (["coords"] if name == "los_loop" else [])
+            assert sorted(fresh.files) == sorted(shipped.files) == sorted(keys)
             for key in fresh.files:
                 assert fresh[key].dtype == shipped[key].dtype and np.array_equal(fresh[key], shipped[key]), (name, key)
         licenses = sorted(p.name for p in (ORIGINALS / name).glob("LICENSE*"))
@@ -117,12 +141,19 @@ def test_converter_on_the_originals_rebuilds_the_shipped_files(tmp_path, monkeyp
         copy = D.load(name)
         assert np.array_equal(live.values, copy.values) and np.array_equal(live.mask, copy.mask)
         assert np.array_equal(live.timestamps, copy.timestamps) and (live.adjacency != copy.adjacency).nnz == 0
+        assert (live.coords is None and copy.coords is None) or np.array_equal(live.coords, copy.coords)
 
     # volume.csv lists sites as 0, 1, 10, 11, ...: site 10 must land in column 10.
     volume = ORIGINALS / "charged_mel" / "volume.csv"
     header = volume.read_text().splitlines()[0].split(",")
     site10 = np.loadtxt(volume, delimiter=",", skiprows=1, usecols=header.index("10"))
     assert np.array_equal(D.load("charged_mel").values[:, 10, 0], site10.astype(np.float32))
+
+    # los_loop's columns are METR-LA sensor ids; each gets the location DCRNN lists for that id.
+    sensors = (ORIGINALS / "los_loop" / "los_speed.csv").read_text().splitlines()[0].split(",")
+    locations = np.loadtxt(ORIGINALS / "los_loop" / "metr_la_graph_sensor_locations.csv", delimiter=",", skiprows=1)
+    where = {int(row[1]): row[2:4] for row in locations}
+    assert np.array_equal(D.load("los_loop").coords, np.array([where[int(s)] for s in sensors]))
 
 
 def test_synthetic_has_local_structure():
@@ -135,6 +166,37 @@ def test_synthetic_has_local_structure():
 
 
 # ----------------------------------------------------------------------------- windows and splits
+def test_synthetic_large_has_local_and_long_range_structure():
+    s = D.load("synthetic_large:2000:960")
+    assert s.name == "synthetic_large" and s.shape == (960, 2000, 1) and s.values.dtype == np.float32
+    assert np.isfinite(s.values).all() and s.mask.all() and s.steps_per_day == 96
+    assert s.coords.shape == (2000, 2) and 0 <= s.coords.min() and s.coords.max() <= 1
+    adj = s.adjacency
+    assert (adj != adj.T).nnz == 0 and adj.diagonal().sum() == 0 and np.diff(adj.indptr).min() >= 8
+    assert (adj != knn_adjacency(s.coords, 8)).nnz == 0                   # the symmetric 8-NN graph of the sensors
+    rows, cols = adj.nonzero()
+    lat, lon = s.coords.T
+    apart = np.hypot(lat[:, None] - lat[None], lon[:, None] - lon[None])
+    corr = np.corrcoef(s.values[:, :, 0].T)
+    pairs = corr[np.triu_indices(2000, 1)].mean()
+    near = corr[rows, cols].mean()
+    assert near > pairs + 0.2 and near > corr[(apart > 0.1) & (apart < 0.2)].mean() + 0.2
+    assert corr[apart > 0.6].mean() > 0.2                                  # the factors tie distant sensors together
+    local = np.corrcoef(D.synthetic_large(2000, 960, factors=0).values[:, :, 0].T)
+    assert local[rows, cols].mean() > 0.6 and abs(local[apart > 0.6].mean()) < 0.02   # without them, nothing far
+
+
+def test_synthetic_large_names_bad_sizes():
+    with pytest.raises(ValueError, match="^data: write synthetic_large"):
+        D.load("synthetic_large:many")
+    with pytest.raises(ValueError, match="^data: write synthetic_large"):
+        D.load("synthetic_large:10:20:30")
+    with pytest.raises(ValueError, match="^num_nodes must be an int >= 9"):
+        D.load("synthetic_large:8")
+    with pytest.raises(ValueError, match="^factors must be an int >= 0"):
+        D.synthetic_large(50, 10, factors=-1)
+
+
 def test_windows_slice_the_series_and_stay_inside_their_range():
     data = D.validate(_arrays(T=300))
     windows, scaler = D.split_windows(data, 12, 4)

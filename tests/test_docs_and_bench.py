@@ -73,3 +73,33 @@ def test_seed_summary_means_and_spreads(tmp_path):
     (tmp_path / "d.md").write_text(head + "| sba | 1 | **4.1 ± 0.1** | 7.2 ± 0.3 | 3, 3 |\n")
     with pytest.raises(ValueError, match="sba holds a mean over several seeds"):
         main([str(tmp_path / "d.md")])
+
+
+def test_large_graph_bench_trains_and_writes_the_table(tmp_path):
+    """SBA alone (every process imports torch: seconds each); full attention's attempts below."""
+    out = tmp_path / "large.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "large_graph.py"), "--n", "100", "--steps", "160", "--epochs", "1",
+           "--batch-size", "32", "--full-attention-n", "--dim", "16", "--heads", "2", "--threads", "1",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| sba |"))
+    assert "| 100 | 4, 1 | ok |" in row and float(row.split("|")[5]) > 0 and float(row.split("|")[8]) > 0.1  # s, GiB
+    assert "python bench/large_graph.py --n 100 --steps 160" in text and "Commit " in text and "torch " in text
+    assert "full_attention" not in text
+
+
+def test_large_graph_bench_records_timeouts_and_out_of_memory(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from large_graph import failure_status
+
+    out = tmp_path / "large.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "large_graph.py"), "--n", "200", "--steps", "160",
+           "--full-attention-n", "100", "50", "--timeout", "0.5", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    text = out.read_text()
+    assert text.count("| timeout: over 0.5 s |") == 3 and "Full attention ran at none of the N tried." in text
+    killed = subprocess.CompletedProcess([], -9, "", "")
+    allocator = subprocess.CompletedProcess([], 1, "", "RuntimeError: DefaultCPUAllocator: not enough memory")
+    assert failure_status(killed) == "oom (killed by signal 9)" and failure_status(allocator) == "oom"
+    assert failure_status(subprocess.CompletedProcess([], 1, "", "ValueError: parts")) == "error: ValueError: parts"

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -185,7 +185,7 @@ def _start(parallel: str, device: str) -> tuple[Ranks, torch.device]:
     GPUs, the process's own: ``cuda:LOCAL_RANK``)."""
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
-    dev = _device(device)
+    dev = device_of(device)
     if parallel == "none":
         return Ranks(), dev
     if "WORLD_SIZE" not in os.environ:
@@ -199,13 +199,15 @@ def _start(parallel: str, device: str) -> tuple[Ranks, torch.device]:
     return Ranks(parallel, dist.get_rank(), dist.get_world_size()), dev
 
 
-def _device(name: str) -> torch.device:
+def device_of(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one, else the CPU) or a torch device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _predict(model, batch, scaler, device):
+def predict(model, batch, scaler, device) -> torch.Tensor:
+    """``model``'s forecast for a `Windows` batch, in data units: ``[b, T_out, N, C]`` on ``device``."""
     x = batch["x"].to(device)
     tod = batch["tod"].to(device) if batch["tod"] is not None else None
     dow = batch["dow"].to(device) if batch["dow"] is not None else None
@@ -219,7 +221,7 @@ def evaluate(model, windows, scaler, device, batch_size: int, ranks: Ranks = Ran
     sums = MetricSums(windows.out_steps)
     for batch in windows.batches(batch_size, shuffle=False):
         part = ranks.cut(batch)
-        sums.add(_predict(model, part, scaler, device), part["y"].to(device), part["y_mask"].to(device))
+        sums.add(predict(model, part, scaler, device), part["y"].to(device), part["y_mask"].to(device))
     return sums.all_reduce() if ranks.world > 1 else sums
 
 
@@ -276,12 +278,25 @@ def _parallel_model(model, ranks: Ranks, device):
     return model
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train (when the model has weights), pick the best validation epoch, test. Returns the
-    metrics dict, which rank 0 also writes to ``metrics.json``."""
-    ranks, device = _start(cfg.parallel, cfg.device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+@dataclass
+class Setup:
+    """What a run trains and tests: the series, its train / val / test windows and the scaler
+    fitted on the training range, the model (on the CPU, freshly initialised) and the reported
+    horizons (steps ahead)."""
+
+    series: datasets.SeriesData
+    windows: dict
+    scaler: datasets.Scaler
+    model: torch.nn.Module
+    horizons: list
+
+    @property
+    def out_steps(self) -> int:
+        return self.windows["train"].out_steps
+
+
+def prepare(cfg: TrainConfig) -> Setup:
+    """Load ``cfg.data``, split it and build ``cfg.model`` for it, as `run` does."""
     series = datasets.load(cfg.data)
     horizons = cfg.horizons or default_horizons(series.step_minutes)
     out_steps = cfg.out_steps or max(horizons)
@@ -292,7 +307,39 @@ def run(cfg: TrainConfig) -> dict:
     shape = zoo.Shape(series.shape[1], cfg.in_steps, out_steps, series.shape[2], series.steps_per_day)
     model = zoo.build(cfg.model, series.adjacency, shape, parts=cfg.parts, dim=cfg.dim, num_heads=cfg.heads,
                       pe_dim=cfg.pe_dim, dropout=cfg.dropout, backend=cfg.backend, seed=cfg.seed,
-                      last_value_residual=cfg.residual).to(device)
+                      last_value_residual=cfg.residual)
+    return Setup(series, windows, scaler, model, horizons)
+
+
+def load_run(run_dir, device: str = "cpu") -> tuple[TrainConfig, Setup]:
+    """A finished run rebuilt from its folder: the settings its ``config.json`` records, the
+    same data split, and the model with the weights of ``best.pt`` (the models without weights
+    have none), on ``device``, in eval mode."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"run_dir: no config.json in {run_dir} (a folder written by sba_model.forecast.train)")
+    saved = json.loads((run_dir / "config.json").read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known and k != "run_dir"}, run_dir=str(run_dir))
+    setup = prepare(cfg)
+    if any(p.requires_grad for p in setup.model.parameters()):
+        if not (run_dir / "best.pt").is_file():
+            raise ValueError(f"run_dir: no best.pt in {run_dir} (the run has not finished an epoch)")
+        setup.model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["model"])
+    setup.model.to(device_of(device)).eval()
+    return cfg, setup
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train (when the model has weights), pick the best validation epoch, test. Returns the
+    metrics dict, which rank 0 also writes to ``metrics.json``."""
+    ranks, device = _start(cfg.parallel, cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    setup = prepare(cfg)
+    series, windows, scaler, horizons = setup.series, setup.windows, setup.scaler, setup.horizons
+    out_steps = setup.out_steps
+    model = setup.model.to(device)
     pe_rng = torch.Generator().manual_seed(cfg.seed)     # the same PE sign flips on every rank
     if isinstance(model, SBATransformer):
         model.pe_generator = pe_rng
@@ -346,7 +393,7 @@ def run(cfg: TrainConfig) -> dict:
                 n = mask.sum().float()
                 n = all_reduce_sum(n) if ranks.world > 1 else n
                 # The ranks' losses sum to the batch's; DDP averages gradients, hence its factor.
-                loss = masked_mae(_predict(net, part, scaler, device), y, mask, n)
+                loss = masked_mae(predict(net, part, scaler, device), y, mask, n)
                 opt.zero_grad(set_to_none=True)
                 (loss * ranks.world if ranks.parallel == "data" else loss).backward()
                 if ranks.parallel == "spatial":
@@ -402,7 +449,10 @@ def run(cfg: TrainConfig) -> dict:
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="sba-train", description=__doc__.split("\n\n")[0])
     d = TrainConfig()
-    p.add_argument("--data", default=d.data, help=f"one of {datasets.BUILTIN} or a .npz in the sba_model.forecast.data format")
+    p.add_argument("--data", default=d.data,
+                   help=f"one of {datasets.BUILTIN}, synthetic_large:N[:STEPS] (N sensors, STEPS steps; defaults "
+                        f"{datasets.LARGE_NODES} and {datasets.LARGE_STEPS}) or a .npz in the sba_model.forecast.data "
+                        "format")
     p.add_argument("--model", default=d.model, choices=zoo.MODELS)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)

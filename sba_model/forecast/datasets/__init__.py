@@ -36,10 +36,20 @@ def even_timestamps(start: str, steps: int, minutes: int) -> np.ndarray:
 
 
 def _los_loop(folder: Path) -> dict:
+    with open(folder / "los_speed.csv") as f:
+        sensor_ids = f.readline().strip().split(",")
     speed = np.loadtxt(folder / "los_speed.csv", delimiter=",", skiprows=1)
     adj = np.loadtxt(folder / "los_adj.csv", delimiter=",")
+    # DCRNN's METR-LA locations (index, sensor_id, latitude, longitude), matched by sensor id.
+    locations = np.loadtxt(folder / "metr_la_graph_sensor_locations.csv", delimiter=",", skiprows=1)
+    row_of = {str(int(sensor)): row for row, sensor in enumerate(locations[:, 1])}
+    missing = [s for s in sensor_ids if s not in row_of]
+    if missing:
+        raise ValueError(f"root: metr_la_graph_sensor_locations.csv has no location for sensors {missing[:5]}")
+    coords = locations[[row_of[s] for s in sensor_ids]][:, 2:4]
     # T-GCN's Los-loop: March 1-7, 2012, 5-minute steps.
-    return dict(values=speed, adjacency=adj, timestamps=even_timestamps("2012-03-01T00:00", len(speed), 5))
+    return dict(values=speed, adjacency=adj, coords=coords,
+                timestamps=even_timestamps("2012-03-01T00:00", len(speed), 5))
 
 
 def _sz_taxi(folder: Path) -> dict:
