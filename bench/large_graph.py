@@ -34,6 +34,7 @@ import math
 import os
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,10 +89,15 @@ def _child(spec: str) -> None:
 
 
 def failure_status(done: subprocess.CompletedProcess) -> str:
-    """"oom" or "error: <last line>" for a run that failed."""
+    """"oom", "crashed (signal N)" or "error: <last line>" for a run that failed. SIGKILL is
+    how the kernel's OOM killer ends a process, so it counts as "oom"; other signals do not."""
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    if done.returncode < 0 or any(sign in done.stderr for sign in OOM_SIGNS):
-        return "oom" if done.returncode >= 0 else f"oom (killed by signal {-done.returncode})"
+    if done.returncode == -signal.SIGKILL:
+        return "oom (killed by signal 9)"
+    if done.returncode < 0:
+        return f"crashed (signal {-done.returncode})"
+    if any(sign in done.stderr for sign in OOM_SIGNS):
+        return "oom"
     return f"error: {tail[:200]}"
 
 
@@ -176,6 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--n and --full-attention-n: sensor counts must be >= 10 (the k-NN graph needs more than 8)")
     if min(args.epochs, args.batch_size, args.dim, args.heads, args.threads) < 1 or args.timeout <= 0:
         p.error("--epochs, --batch-size, --dim, --heads, --threads and --timeout must be positive")
+    if args.memory_cap_gb < 0:
+        p.error("--memory-cap-gb must be >= 0 (0: no cap)")
     if args.steps < 160:
         p.error("--steps must be >= 160 (the validation range, 10%, needs 16 steps: 12 in, 4 out)")
     args.parts = args.parts or default_parts(args.n)

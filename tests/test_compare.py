@@ -90,5 +90,8 @@ def test_cli_runs_every_model_on_every_seed(tmp_path):
         for seed in (0, 1):
             metrics = json.loads((runs / model / f"seed{seed}" / "metrics.json").read_text())
             assert len(metrics["history"]) == (2 if model == "stid" else 0)
+            assert json.loads((runs / model / f"seed{seed}" / "config.json").read_text())["seed"] == seed
+    with pytest.raises(SystemExit):
+        compare.main(["--data", str(path), "--seeds", "-1"])
     with pytest.raises(SystemExit):
         compare.main(["--data", str(path), "--seeds", "0", "0"])

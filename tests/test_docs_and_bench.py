@@ -103,3 +103,4 @@ def test_large_graph_bench_records_timeouts_and_out_of_memory(tmp_path):
     allocator = subprocess.CompletedProcess([], 1, "", "RuntimeError: DefaultCPUAllocator: not enough memory")
     assert failure_status(killed) == "oom (killed by signal 9)" and failure_status(allocator) == "oom"
     assert failure_status(subprocess.CompletedProcess([], 1, "", "ValueError: parts")) == "error: ValueError: parts"
+    assert failure_status(subprocess.CompletedProcess([], -11, "", "")) == "crashed (signal 11)"     # a segfault is no OOM

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -60,6 +61,11 @@ def test_a_checked_graph_is_frozen_and_passed_on_as_is():
     # arithmetic makes a new, unmarked matrix: it is checked again and refused
     with pytest.raises(ValueError, match=">= 0"):
         to_csr(-checked)
+    # a deep copy (or an unpickled graph) keeps the mark but not the frozen arrays: checked again
+    copied = copy.deepcopy(checked)
+    copied.data[:] = -1.0
+    with pytest.raises(ValueError, match=">= 0"):
+        to_csr(copied)
 
 
 def test_permute_graph_relabels_and_stays_checked():
@@ -86,6 +92,11 @@ def test_from_graph_converts_its_graph_exactly_once(monkeypatch):
                                       out_channels=1, dim=16, num_heads=2, pe_dim=4, inter_threshold=16)
     assert len(calls) == 1
     assert model.blocks[0].inter.levels           # the token levels were built, on the checked graph
+    # the constructor converts a graph given to it once too, for all its blocks
+    calls.clear()
+    partitions = [model.blocks[0].partition, model.blocks[1].partition]
+    SBATransformer(600, 2, 1, 1, 1, partitions, dim=16, num_heads=2, adjacency=edge_index, inter_threshold=16)
+    assert len(calls) == 1
 
 
 def test_gaussian_kernel_matches_formula():

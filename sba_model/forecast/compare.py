@@ -153,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         values = getattr(a, flag)
         if len(set(values)) != len(values):
             p.error(f"--{flag} must not repeat a value, got {values}")
+    if min(a.seeds) < 0:
+        p.error(f"--seeds must be >= 0 (numpy's seeds are), got {a.seeds}")
     return a
 
 

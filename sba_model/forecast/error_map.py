@@ -147,6 +147,8 @@ def finest_assignment(model: torch.nn.Module, adjacency, parts: Sequence[int], s
     """int64 ``[N]``: each sensor's subgraph (in the caller's node order) in the model's first
     layer when it is an `SBATransformer`; for other models, in the partition ``sba`` would
     use (METIS, ``min(parts[0], N)`` parts, ``seed``)."""
+    if not parts:
+        raise ValueError("parts must list at least one subgraph count")
     if isinstance(model, SBATransformer):
         internal = model.blocks[0].partition.assignment.cpu().numpy()
         if model.perm is None:
@@ -207,11 +209,11 @@ def error_map(run_dir, out, *, device: str = "cpu", batch_size: Optional[int] = 
     Returns ``mae`` float64 ``[N]`` (per-sensor test MAE), ``assignment`` int64 ``[N]``,
     ``seam`` bool ``[N]``, ``cut_share`` float64 ``[N]``, ``summary`` (`seam_summary`),
     ``geographic`` (coordinates or the spectral layout) and ``horizons``."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg, setup = train.load_run(run_dir, device)
     dev = train.device_of(device)
     size = 2 * cfg.batch_size if batch_size is None else batch_size
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = ((train.predict(setup.model, b, setup.scaler, dev), b["y"].to(dev), b["y_mask"].to(dev))
                for b in setup.windows["test"].batches(size, shuffle=False))
     mae = sensor_mae(batches, setup.horizons)

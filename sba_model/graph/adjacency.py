@@ -44,7 +44,7 @@ def to_csr(adjacency, num_nodes: Optional[int] = None) -> sp.csr_matrix:
     rejected. A checked graph (an earlier result of `to_csr` or `permute_graph`) is returned
     as is, in O(1).
     """
-    if getattr(adjacency, _CHECKED, False):
+    if _is_checked(adjacency):
         if num_nodes is not None and adjacency.shape[0] != num_nodes:
             raise ValueError(f"adjacency has {adjacency.shape[0]} nodes but num_nodes={num_nodes}")
         return adjacency
@@ -54,6 +54,13 @@ def to_csr(adjacency, num_nodes: Optional[int] = None) -> sp.csr_matrix:
 # The attribute that marks a checked graph. Copies and results of arithmetic are new objects
 # without it, so they are checked again when they come back.
 _CHECKED = "_sba_checked_graph"
+
+
+def _is_checked(adjacency) -> bool:
+    """A `to_csr` result still as `to_csr` left it. A deep copy or an unpickled one keeps the
+    mark but gets writeable arrays, so it is checked again."""
+    return (type(adjacency) is sp.csr_matrix and getattr(adjacency, _CHECKED, False)
+            and not any(a.flags.writeable for a in (adjacency.data, adjacency.indices, adjacency.indptr)))
 
 
 def _checked(mat: sp.csr_matrix) -> sp.csr_matrix:

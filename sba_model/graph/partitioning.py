@@ -40,6 +40,7 @@ def metis_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int = 0,
     Handles the cases METIS does not: one part, as many parts as nodes, no edges at all. More
     than ``_KWAY_MAX_PARTS`` parts are cut in two stages (`_two_stage_assignment`).
     """
+    num_parts = _check_num_parts(num_parts, "num_parts")
     n = adjacency.shape[0]
     if num_parts == 1:
         return np.zeros(n, dtype=np.int64)

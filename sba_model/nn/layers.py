@@ -51,7 +51,7 @@ def subgraph_blocks(adjacency, partition: Partition) -> torch.Tensor:
     # flat offsets into [P, M, M]: the edges inside subgraphs, then the diagonal of real slots
     flat = np.concatenate([(part_of[row] * M + slot_of[row]) * M + slot_of[col], (part * M + slot) * M + slot])
     weight = np.concatenate([a.data[inside], np.ones(part.size)]).astype(np.float32)
-    out = torch.zeros(partition.num_parts * M * M)
+    out = torch.zeros(partition.num_parts * M * M, dtype=torch.float32)
     out[torch.from_numpy(flat)] = torch.from_numpy(weight)
     return out.view(partition.num_parts, M, M)
 
@@ -278,6 +278,7 @@ class SBAttention(_HoldsPartition):
                  inter_levels: Optional[Sequence[Partition]] = None):
         super().__init__()
         self._hold(partition)
+        adjacency = None if adjacency is None else to_csr(adjacency)     # once, for the intra and inter parts
         self.intra = IntraAttention(embed_dim, num_heads, partition, adjacency=adjacency, backend=backend)
         self.inter = InterAttention(embed_dim, num_heads, backend=backend,
                                     levels=_resolve_levels(partition, inter_levels, inter_threshold, adjacency))
@@ -318,6 +319,7 @@ class SBABlock(_HoldsPartition):
         super().__init__()
         self._hold(partition)
         self.backend = backend
+        adjacency = None if adjacency is None else to_csr(adjacency)     # once, for the intra and inter parts
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.intra = IntraAttention(dim, num_heads, partition, adjacency=adjacency, backend=backend)
         self.mlp = _mlp(dim, mlp_ratio, dropout)

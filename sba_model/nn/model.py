@@ -98,6 +98,7 @@ class SBATransformer(nn.Module):
             self.register_buffer("inv_perm", torch.argsort(perm))
         else:
             self.perm = None
+        adjacency = None if adjacency is None else to_csr(adjacency)     # once, for every block
         if inter_levels is not None and len(inter_levels) != len(partitions):
             raise ValueError(f"inter_levels must hold one list per layer ({len(partitions)}), got {len(inter_levels)}")
         self.blocks = nn.ModuleList(
