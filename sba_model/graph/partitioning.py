@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,12 +34,23 @@ INTER_GROUP_SIZE = 64
 _KWAY_MAX_PARTS = 2048
 _REGION_PARTS = 64
 
+# Partitions with a size cap (``max_size``). METIS moves a node only into a part with room left,
+# so when the parts must all be nearly max_size it can hardly refine the cut. k-NN graphs (k = 8)
+# at N = 1e5, caps 32 / 64 / 128, edge cut over that of the uncapped ceil(N / cap) partition:
+# ceil(N / cap) capped parts 1.7 / 3.4 / 2.0x; 1 % more parts 0.83 / 1.16 / 1.06x; 2 % more
+# parts 0.68-0.76 / 0.95-0.97 / 1.03-1.04x (two graphs), the subgraphs then 98 % full on average.
+_CAP_HEADROOM = 0.02
+_KWAY_DEFAULT_UFACTOR = 30     # METIS k-way: a part may be 1.03 x the average
 
-def metis_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int = 0, vweights=None) -> np.ndarray:
+
+def metis_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int = 0, vweights=None,
+                     max_size: int | None = None) -> np.ndarray:
     """Per-node part id in ``0..num_parts-1`` (some ids may go unused) for a symmetric CSR graph.
 
     Handles the cases METIS does not: one part, as many parts as nodes, no edges at all. More
     than ``_KWAY_MAX_PARTS`` parts are cut in two stages (`_two_stage_assignment`).
+    ``max_size`` (in vertex weight) sets METIS's imbalance tolerance so that its bound on a part
+    stays within it (`_cap_ufactor`); METIS can still miss it, which `_capped_assignment` repairs.
     """
     num_parts = _check_num_parts(num_parts, "num_parts")
     n = adjacency.shape[0]
@@ -49,12 +61,27 @@ def metis_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int = 0,
     if adjacency.nnz == 0:   # nothing to cut: contiguous, balanced chunks
         return np.arange(n, dtype=np.int64) * num_parts // n
     if num_parts > _KWAY_MAX_PARTS:
-        return _two_stage_assignment(adjacency, num_parts, seed=seed, vweights=vweights)
-    return _kway_assignment(adjacency, num_parts, seed=seed, vweights=vweights)
+        return _two_stage_assignment(adjacency, num_parts, seed=seed, vweights=vweights, max_size=max_size)
+    options = dict(seed=seed)
+    if max_size is not None:
+        total_weight = n if vweights is None else int(np.sum(vweights))
+        options["ufactor"] = _cap_ufactor(total_weight, num_parts, max_size)
+    return _kway_assignment(adjacency, num_parts, vweights=vweights, **options)
 
 
-def _kway_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int, vweights) -> np.ndarray:
-    """One METIS k-way call (min edge cut, balanced by vertex weight)."""
+def _cap_ufactor(total_weight: int, num_parts: int, max_size: int) -> int:
+    """METIS's imbalance tolerance (``ufactor``, in 1/1000 of the average part) whose bound on a
+    part, ``(1 + ufactor / 1000) * total_weight / num_parts``, stays below ``max_size + 1`` (a
+    0.1/1000 margin covers METIS's rounding); at least 1 (METIS refuses 0) and at most METIS k-way's
+    default, so a generous ``num_parts`` still gets parts as balanced as without a cap."""
+    room = (max_size + 1) * num_parts / total_weight - 1        # the excess over the average allowed
+    return min(_KWAY_DEFAULT_UFACTOR, max(1, math.ceil(1000 * room - 0.1) - 1))
+
+
+def _kway_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int, vweights,
+                     ufactor: int | None = None) -> np.ndarray:
+    """One METIS call (min edge cut, parts balanced by vertex weight within ``ufactor``, else
+    METIS's default). pymetis bisects recursively up to 8 parts and runs k-way above."""
     import pymetis
 
     w = adjacency.data
@@ -64,14 +91,18 @@ def _kway_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int, vwe
         pymetis.CSRAdjacency(adjacency.indptr.astype(np.int64), adjacency.indices.astype(np.int64)),
         eweights=eweights,
         vweights=None if vweights is None else np.asarray(vweights, dtype=np.int64),
-        options=pymetis.Options(seed=seed),
+        options=pymetis.Options(seed=seed) if ufactor is None else pymetis.Options(seed=seed, ufactor=ufactor),
     )
     return np.asarray(membership, dtype=np.int64)
 
 
-def _two_stage_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int, vweights) -> np.ndarray:
+def _two_stage_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int, vweights,
+                          max_size: int | None) -> np.ndarray:
     """METIS into ``ceil(num_parts / _REGION_PARTS)`` regions, then each region (its induced
-    subgraph) into a number of parts proportional to its vertex weight, at least one.
+    subgraph) into a number of parts proportional to its vertex weight, at least one. With
+    ``max_size``, each region's share is rounded up, so that its parts average no more than the
+    whole graph's and keep the headroom under the cap (up to one part per region more than
+    ``num_parts`` in all), and its tolerance comes from its own weight and share.
 
     The regions are made contiguous by one permutation, so each region's subgraph is a
     contiguous diagonal block: a slice, not a fancy index over all N columns.
@@ -80,7 +111,11 @@ def _two_stage_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int
     weight = np.ones(n, dtype=np.int64) if vweights is None else np.asarray(vweights, dtype=np.int64)
     regions = _compact(metis_assignment(adjacency, -(-num_parts // _REGION_PARTS), seed=seed, vweights=vweights))
     num_regions = int(regions.max()) + 1
-    shares = _proportional_shares(np.bincount(regions, weights=weight, minlength=num_regions), num_parts)
+    region_weights = np.bincount(regions, weights=weight, minlength=num_regions).astype(np.int64)
+    if max_size is None:
+        shares = _proportional_shares(region_weights, num_parts)
+    else:
+        shares = -(-num_parts * region_weights // region_weights.sum())
     order = np.argsort(regions, kind="stable")
     ordered = adjacency[order][:, order].tocsr()
     bounds = np.concatenate([[0], np.cumsum(np.bincount(regions, minlength=num_regions))])
@@ -88,7 +123,8 @@ def _two_stage_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int
     out = np.empty(n, dtype=np.int64)
     for r in range(num_regions):
         lo, hi = bounds[r], bounds[r + 1]
-        local = metis_assignment(ordered[lo:hi, lo:hi], int(shares[r]), seed=seed, vweights=weight[order[lo:hi]])
+        local = metis_assignment(ordered[lo:hi, lo:hi], int(shares[r]), seed=seed, vweights=weight[order[lo:hi]],
+                                 max_size=max_size)
         out[order[lo:hi]] = first_part[r] + local
     return out
 
@@ -108,22 +144,112 @@ def _check_num_parts(num_parts, name: str) -> int:
     return int(num_parts)
 
 
-def partition_graph(adjacency, num_parts: int, *, seed: int = 0) -> Partition:
-    """Split the graph into ``num_parts`` balanced subgraphs with METIS (k-way, min edge cut).
+def _check_max_size(max_size) -> int:
+    if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)):
+        raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    return int(max_size)
+
+
+def _capped_num_parts(num_nodes: int, max_size: int, num_parts, name: str) -> int:
+    """The part count METIS is asked for under a cap: ``num_parts`` if given (checked to leave
+    room for every node), else one part if the graph fits it, else N / max_size plus
+    `_CAP_HEADROOM`."""
+    if num_parts is None:
+        return 1 if num_nodes <= max_size else math.ceil(num_nodes * (1 + _CAP_HEADROOM) / max_size)
+    num_parts = _check_num_parts(num_parts, name)
+    if num_parts * max_size < num_nodes:
+        raise ValueError(f"{name} = {num_parts} parts of at most max_size = {max_size} nodes cannot hold "
+                         f"{num_nodes} nodes: {name} must be >= {-(-num_nodes // max_size)}")
+    return num_parts
+
+
+def _capped_assignment(adjacency: sp.csr_matrix, max_size: int, num_parts: int, *, seed: int = 0) -> np.ndarray:
+    """Per-node part id ``[N]`` (int64, ids may go unused) in which no part has more than
+    ``max_size`` nodes, for a symmetric CSR graph.
+
+    METIS cuts ``num_parts`` parts with its tolerance set to respect the cap. It can still miss
+    (by a node where parts average close to the cap; by far on a star, all of whose leaves it
+    leaves with the hub): each part over the cap is cut again by METIS into
+    ``ceil(size * (1 + _CAP_HEADROOM) / max_size)`` pieces, and a piece METIS leaves over the cap is
+    cut into equal runs of a breadth-first (Cuthill-McKee) order, which always fit. Pieces get
+    new ids after ``num_parts``.
+    """
+    assignment = metis_assignment(adjacency, num_parts, seed=seed, max_size=max_size)
+
+    def metis_pieces(sub: sp.csr_matrix) -> np.ndarray:
+        pieces = math.ceil(sub.shape[0] * (1 + _CAP_HEADROOM) / max_size)
+        return metis_assignment(sub, pieces, seed=seed, max_size=max_size)
+
+    assignment = _split_oversized(adjacency, assignment, max_size, metis_pieces)
+    return _split_oversized(adjacency, assignment, max_size, lambda sub: _order_runs(sub, max_size))
+
+
+def _split_oversized(adjacency: sp.csr_matrix, assignment: np.ndarray, max_size: int,
+                     split: Callable[[sp.csr_matrix], np.ndarray]) -> np.ndarray:
+    """``assignment`` with every part over ``max_size`` nodes replaced by the pieces ``split``
+    makes of its induced subgraph (piece 0 keeps the part's id, the others get new ids)."""
+    sizes = np.bincount(assignment)
+    oversized = np.flatnonzero(sizes > max_size)
+    if oversized.size == 0:
+        return assignment
+    out = assignment.copy()
+    next_id = sizes.size
+    by_part = np.argsort(assignment, kind="stable")      # part p's nodes: by_part[starts[p]:starts[p + 1]]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    for part in oversized:
+        nodes = by_part[starts[part]:starts[part + 1]]
+        pieces = _compact(split(adjacency[nodes][:, nodes]))
+        moved = pieces > 0
+        out[nodes[moved]] = next_id + pieces[moved] - 1
+        next_id += int(pieces.max())
+    return out
+
+
+def _order_runs(adjacency: sp.csr_matrix, max_size: int) -> np.ndarray:
+    """``ceil(n / max_size)`` near-equal pieces (sizes differ by at most one, so none exceeds
+    ``max_size``), each a run of the reverse Cuthill-McKee order: a breadth-first order, so a run
+    holds graph neighbours."""
+    n = adjacency.shape[0]
+    order = sp.csgraph.reverse_cuthill_mckee(adjacency.tocsr(), symmetric_mode=True)
+    pieces = np.empty(n, dtype=np.int64)
+    pieces[order] = np.arange(n) * math.ceil(n / max_size) // n
+    return pieces
+
+
+def partition_graph(adjacency, num_parts: int | None = None, *, max_size: int | None = None,
+                    seed: int = 0) -> Partition:
+    """Split the graph into balanced subgraphs with METIS (k-way, min edge cut).
 
     Args:
         adjacency: any form `sba_model.graph.adjacency.to_csr` accepts (scipy.sparse, dense
             ``[N, N]``, ``edge_index [2, E]``); weights steer the cut.
         num_parts: P wanted. ``P >= N`` gives singletons. METIS can leave parts empty when P
             is large; those are dropped, so the result may have fewer than P subgraphs.
+            Needed unless ``max_size`` is given.
+        max_size: the most nodes a subgraph may have, guaranteed (a kernel tile of that many
+            rows then holds any subgraph). ``num_parts`` defaults to ``ceil(1.02 N / max_size)``
+            (1 when ``N <= max_size``): the 2 % headroom lets METIS refine the cut (see
+            `_CAP_HEADROOM`); a given ``num_parts`` must be >= ``N / max_size``. The result may
+            have more subgraphs than asked: over 2048 parts, up to one per 64 (see
+            `_two_stage_assignment`), and the parts METIS leaves over the cap are cut again
+            (`_capped_assignment`).
         seed: METIS's random seed (same seed, same graph -> same partition).
 
     Returns:
-        a `Partition` on the CPU.
+        a `Partition` on the CPU: ``index`` ``[P, M]``, ``lengths`` ``[P]``, with
+        ``M <= max_size`` when ``max_size`` is given.
     """
-    num_parts = _check_num_parts(num_parts, "num_parts")
+    if max_size is None:
+        if num_parts is None:
+            raise TypeError("partition_graph needs num_parts or max_size")
+        num_parts = _check_num_parts(num_parts, "num_parts")
+        return Partition.from_assignment(metis_assignment(to_csr(adjacency), num_parts, seed=seed), num_parts)
+    max_size = _check_max_size(max_size)
     csr = to_csr(adjacency)
-    return Partition.from_assignment(metis_assignment(csr, num_parts, seed=seed), num_parts)
+    num_parts = _capped_num_parts(csr.shape[0], max_size, num_parts, "num_parts")
+    return Partition.from_assignment(_capped_assignment(csr, max_size, num_parts, seed=seed))
 
 
 def _quotient_graph(csr: sp.csr_matrix, assignment: np.ndarray, num_parts: int) -> sp.csr_matrix:
@@ -136,7 +262,8 @@ def _quotient_graph(csr: sp.csr_matrix, assignment: np.ndarray, num_parts: int) 
     return q
 
 
-def multiscale_partitions(adjacency, parts: Sequence[int], *, seed: int = 0) -> tuple[list[Partition], torch.Tensor]:
+def multiscale_partitions(adjacency, parts: Sequence[int], *, max_size: int | None = None,
+                          seed: int = 0) -> tuple[list[Partition], torch.Tensor]:
     """Nested partitions, finest first, in a node order where every subgraph is contiguous.
 
     Level 0 is METIS on the graph; level ``l`` partitions the graph *between* level ``l-1``'s
@@ -146,6 +273,10 @@ def multiscale_partitions(adjacency, parts: Sequence[int], *, seed: int = 0) -> 
     Args:
         adjacency: the sensor graph (any form `to_csr` accepts).
         parts: ``[P_1, P_2, ...]``, strictly decreasing.
+        max_size: caps the subgraphs of level 0 at this many nodes, as in `partition_graph`
+            (``P_1`` must then be >= ``N / max_size``; the few subgraphs METIS leaves over the
+            cap are cut again, so level 0 may have a few more than ``P_1``). Coarser levels
+            group whole level-0 subgraphs, so they are not capped.
         seed: METIS seed.
 
     Returns:
@@ -161,7 +292,12 @@ def multiscale_partitions(adjacency, parts: Sequence[int], *, seed: int = 0) -> 
     csr = to_csr(adjacency)
     n = csr.shape[0]
 
-    levels = [_compact(metis_assignment(csr, parts[0], seed=seed))]
+    if max_size is None:
+        finest = metis_assignment(csr, parts[0], seed=seed)
+    else:
+        max_size = _check_max_size(max_size)
+        finest = _capped_assignment(csr, max_size, _capped_num_parts(n, max_size, parts[0], "parts[0]"), seed=seed)
+    levels = [_compact(finest)]
     for p in parts[1:]:
         fine = levels[-1]
         n_fine = int(fine.max()) + 1
