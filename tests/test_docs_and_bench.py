@@ -104,3 +104,47 @@ def test_large_graph_bench_records_timeouts_and_out_of_memory(tmp_path):
     assert failure_status(killed) == "oom (killed by signal 9)" and failure_status(allocator) == "oom"
     assert failure_status(subprocess.CompletedProcess([], 1, "", "ValueError: parts")) == "error: ValueError: parts"
     assert failure_status(subprocess.CompletedProcess([], -11, "", "")) == "crashed (signal 11)"     # a segfault is no OOM
+
+
+def test_tile_report_counts_programs_from_the_launch_grid():
+    """Subgraphs of 65, 64, 1 and 130 nodes (M = 130): fp16 forward tiles of 64 rows, so three
+    per subgraph, of which 2 + 1 + 1 + 3 start inside their subgraph; backward tiles of 32 rows."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from tile_report import launch_tiles, record_launches
+    from sba_kernels import Partition
+
+    sizes = [65, 64, 1, 130]
+    partition = Partition.from_assignment([p for p, s in enumerate(sizes) for _ in range(s)])
+    lengths = partition.lengths.numpy().astype("int64")
+    got = {k: launch_tiles(k, grid, args, lengths) for k, grid, args in record_launches(partition, 64)}
+    fwd, dq, dbias = got["attention_fwd"], got["attention_bwd_dq"], got["attention_bwd_dbias"]
+    assert (fwd.tile, fwd.per_subgraph, fwd.programs, fwd.with_work) == ("64 rows", 3, 12, 7)
+    assert fwd.filled == 260 / (12 * 64)
+    assert (dq.tile, dq.per_subgraph, dq.with_work) == ("32 rows", 5, 3 + 2 + 1 + 5)
+    assert got["attention_bwd_dkdv"].with_work == dq.with_work
+    assert (dbias.per_subgraph, dbias.with_work) == (25, 9 + 4 + 1 + 25)
+    assert got["attention_bwd_delta"].with_work == got["attention_bwd_delta"].programs == 5      # 260 rows / 64
+
+
+def test_tile_report_writes_the_table(tmp_path):
+    out = tmp_path / "tiles.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "tile_report.py"), "--n", "3000", "--targets", "32", "64",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    text = out.read_text()
+    assert "python bench/tile_report.py --n 3000 --targets 32 64" in text and "commit " in text
+    sizes = {line.split("|")[2].strip(): line.split("|") for line in text.split("## Programs")[0].splitlines()
+             if line.startswith("| 3,000 |")}
+    launches = {line.split("|")[2].strip(): line.split("|") for line in text.split("## Programs")[1].splitlines()
+                if line.startswith("| 3,000 |")}
+    assert set(sizes) == set(launches) == {"ceil(N / 32) parts", "max_size = 32", "ceil(N / 64) parts",
+                                           "max_size = 64"}
+    for target in (32, 64):
+        largest = int(sizes[f"max_size = {target}"][5].split("/")[2])
+        assert largest <= target
+        assert launches[f"max_size = {target}"][3].strip().startswith(f"1 x {target} rows: 100.0 /")
+        # the plain partition's largest subgraph sets the forward tile: 32 or 64 rows (the cap at d = 64)
+        plain_largest = int(sizes[f"ceil(N / {target}) parts"][5].split("/")[2])
+        tile = 32 if plain_largest <= 32 else 64
+        forward = launches[f"ceil(N / {target}) parts"][3].strip()
+        assert forward.startswith(f"{-(-plain_largest // tile)} x {tile} rows")
