@@ -166,7 +166,10 @@ def report(rows: list[dict], args, argv: list[str], env: dict, knn_s: dict) -> s
         f"torch {env['torch']}, triton {env['triton']}, torch threads {env['cpu_threads']}. k-NN graph, "
         f"k = {args.k}, on uniform random points in the unit square (seed {args.seed}; built in "
         + ", ".join(f"{s:.1f} s at N = {n:,}" for n, s in knn_s.items()) + f"); METIS seed {args.seed}. "
-        "METIS s: the `partition_graph` call, wall time.", "",
+        "METIS s: the `partition_graph` call, wall time. The plain partition is METIS with its default "
+        "tolerance (a part may be 1.03 x the average); `max_size = T` asks it for ceil(1.02 N / T) parts with "
+        "a tolerance that keeps them within T, and re-cuts any part it leaves over T "
+        "(`sba_model.graph.partitioning`).", "",
         "## Subgraph sizes", "",
         *size_table(rows), "",
         f"## Programs per launch (fp16 or bf16, head dim {args.head_dim}, one shared bias)", "",
