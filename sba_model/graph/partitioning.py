@@ -36,9 +36,10 @@ _REGION_PARTS = 64
 
 # Partitions with a size cap (``max_size``). METIS moves a node only into a part with room left,
 # so when the parts must all be nearly max_size it can hardly refine the cut. k-NN graphs (k = 8)
-# at N = 1e5, caps 32 / 64 / 128, edge cut over that of the uncapped ceil(N / cap) partition:
-# ceil(N / cap) capped parts 1.7 / 3.4 / 2.0x; 1 % more parts 0.83 / 1.16 / 1.06x; 2 % more
-# parts 0.68-0.76 / 0.95-0.97 / 1.03-1.04x (two graphs), the subgraphs then 98 % full on average.
+# at N = 1e5, caps 64 / 128 (one METIS call), edge cut over that of the uncapped ceil(N / cap)
+# partition: ceil(N / cap) capped parts 3.4 / 2.0x; 1 % more parts 1.16 / 1.06x; 2 % more parts
+# 0.95-0.97 / 1.03-1.04x (two graphs), the subgraphs then 98 % full on average. At cap 32 (over
+# 2048 parts: two stages) 2 % more parts cut 0.90-0.91x (bench/results/static/tiles.md for 1e6).
 _CAP_HEADROOM = 0.02
 _KWAY_DEFAULT_UFACTOR = 30     # METIS k-way: a part may be 1.03 x the average
 
