@@ -138,9 +138,17 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
     bias = None
     if bias_kind is not None:
         bias = torch.zeros(((H,) if bias_kind == "per_head" else ()) + (1, m, m), dtype=dtype)
-    o, lse, _ = tb.attention_forward(q, k, v, index, lengths, bias, 0.125, False)
-    tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
-    tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=bias is not None)
+    saved_min_parts = tb.BIAS_LOOP_MIN_PARTS
+    try:
+        # One subgraph here: with the threshold at 1 and at its value, both forms of the
+        # one-tile forward (one program per pair, one per bias tile) are recorded.
+        for tb.BIAS_LOOP_MIN_PARTS in (1, saved_min_parts):
+            o, lse, _ = tb.attention_forward(q, k, v, index, lengths, bias, 0.125, False)
+            tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
+    finally:
+        tb.BIAS_LOOP_MIN_PARTS = saved_min_parts
+    for need_dbias in {False, bias is not None}:      # a bias can be frozen: no gradient
+        tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=need_dbias)
 
 
 def _record_segment_mean(dtype: torch.dtype, channels: int) -> None:

@@ -84,6 +84,24 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
     return Blocks(m=tile, n=tile, d=d, num_warps=8 if tile == 64 else 4)
 
 
+# (dot kind, head dim) -> the widest tile of the one-tile kernels; absent: the tiled kernels.
+# From ahead-of-time compiles of every pair for sm_80 and sm_90 (compiler facts): these are
+# the widest tiles with no spill in either kernel, any bias. A head dim that is not a power of
+# two pads its columns and needs more registers (24 spills at 64 rows); fp32 keeps twice the
+# bytes per tile, and 3xTF32 splits every operand in two.
+ONE_TILE_CAP = {
+    **{("16bit", d): cap for d, cap in {16: 64, 24: 32, 32: 64, 64: 64, 128: 32}.items()},
+    **{(kind, d): 16 for kind in ("tf32", "tf32x3") for d in (16, 24, 32, 64)},
+}
+
+
+def _dot_kind(dtype: torch.dtype) -> str:
+    """What sizes a dot's registers: 2-byte operands, TF32, or 3xTF32 (split fp32 operands)."""
+    if dtype != torch.float32:
+        return "16bit"
+    return _precision(dtype)
+
+
 def _precision(dtype: torch.dtype) -> str:
     """How fp32 dots run: TF32 when the user enabled it for matmuls (torch's own switch), else
     3xTF32, which splits each operand into two TF32 halves for close to fp32 accuracy on tensor
@@ -123,7 +141,41 @@ def _launch(kernel, grid, *args, **meta) -> None:
 
 def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
     """o ``[B, N, H, d]``, lse fp32 ``[B, H, N]`` (log2 units) and, with ``pool``, the
-    subgraph means of o ``[B, P, H, d]`` from the kernel's epilogue (else an empty tensor)."""
+    subgraph means of o ``[B, P, H, d]`` from the kernel's epilogue (else an empty tensor):
+    `_forward_one_tile` when every subgraph fits one tile, else `_forward_tiled`."""
+    blk = one_tile_blocks(index.shape[1], q.shape[3], q.dtype)
+    if blk is not None:
+        return _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool)
+    return _forward_tiled(q, k, v, index, lengths, bias, scale, pool)
+
+
+# A bias loop (one program per bias tile, looping over the heads and batch that read it) reads
+# the bias once but runs fewer programs: worth it once there are enough subgraphs to fill the GPU.
+BIAS_LOOP_MIN_PARTS = 1024
+
+
+def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
+    """One program per subgraph and (batch, head), or per bias tile (`BIAS_LOOP_MIN_PARTS`):
+    `triton_kernels.attention_fwd_one_tile`."""
+    B, N, H, d = q.shape
+    P, M = index.shape
+    o = _new((B, N, H, d), q.dtype, q.device)
+    lse = _new((B, H, N), torch.float32, q.device)
+    pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
+    shared = bias is not None and bias.dim() == 3
+    bias_loop = bias is not None and P >= BIAS_LOOP_MIN_PARTS
+    _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),
+        q, k, v, o, lse, pooled, bias if bias is not None else q, index, lengths,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
+        *_bias_strides(bias), B, H, N, M, P, int(pool), 0, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_LOOP=bias_loop,
+        SHARED_BIAS=shared, PRECISION=_precision(q.dtype), **blk.options(),
+    )
+    return o, lse, pooled.to(q.dtype) if pool else q.new_empty(0)
+
+
+def _forward_tiled(q, k, v, index, lengths, bias, scale, pool: bool):
+    """Subgraphs of any size: online softmax over key tiles (`triton_kernels.attention_fwd`)."""
     B, N, H, d = q.shape
     P, M = index.shape
     blk = blocks_for(M, d, q.dtype)
@@ -144,8 +196,50 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
     return o, lse, shares.sum(2).to(q.dtype) if pool else q.new_empty(0)
 
 
+def one_tile_blocks(max_len: int, head_dim: int, dtype: torch.dtype) -> Optional[Blocks]:
+    """The tile of the one-tile kernels (`attention_fwd_one_tile`, `attention_bwd_one_tile`)
+    when every subgraph fits it, else None (the tiled kernels run). `ONE_TILE_CAP` gives the
+    widest tile per dtype and head dim that compiles without a spill on sm_80 and sm_90.
+    4 warps, one stage: there is no loop over key tiles to pipeline."""
+    d = max(16, triton.next_power_of_2(head_dim))
+    tile = max(16, triton.next_power_of_2(max_len))
+    cap = ONE_TILE_CAP.get((_dot_kind(dtype), head_dim), 0)
+    if tile > cap:
+        return None
+    return Blocks(m=tile, n=tile, d=d, num_warps=4, num_stages=1)
+
+
 def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool):
-    """dq, dk, dv (contiguous) and dbias (or an empty tensor)."""
+    """dq, dk, dv (contiguous) and dbias (or an empty tensor): `_backward_one_tile` when every
+    subgraph fits one tile, else `_backward_tiled`."""
+    blk = one_tile_blocks(index.shape[1], q.shape[3], q.dtype)
+    if blk is not None:
+        return _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias)
+    return _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+
+
+def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool):
+    """One launch: each program does whole subgraphs (`triton_kernels.attention_bwd_one_tile`)."""
+    B, N, H, d = q.shape
+    P, M = index.shape
+    dq, dk, dv = (_new((B, N, H, d), q.dtype, q.device) for _ in range(3))
+    shared = bias is not None and bias.dim() == 3
+    # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias).
+    grid = (P, (1 if shared else H) if need_dbias else B * H)
+    dbias = torch.zeros_like(bias) if need_dbias else dq
+    _launch(kern.attention_bwd_one_tile, grid,
+        q, k, v, do, lse, dq, dk, dv, dbias, bias if bias is not None else q, index, lengths,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
+        *_bias_strides(bias), B, H, N, M, 0, scale * LOG2E, scale,
+        HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
+        SHARED_BIAS=shared, PRECISION=_precision(q.dtype),
+        **blk.options(),
+    )
+    return dq, dk, dv, dbias if need_dbias else q.new_empty(0)
+
+
+def _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool):
+    """Subgraphs of any size: delta = rowsum(dO * O), then dQ, dK/dV and dBias, each tiled."""
     B, N, H, d = q.shape
     P, M = index.shape
     blk = blocks_for(M, d, q.dtype, backward=True)

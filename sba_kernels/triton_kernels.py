@@ -38,16 +38,27 @@ def _tile_rows(Index, part, start, length, M, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(Base, rows, stride_n, row_mask, offs_d, HEAD_DIM: tl.constexpr):
-    """A ``[len(rows), BLOCK_D]`` tile of rows of one (batch, head) slice; zeros where masked."""
-    ptrs = Base + rows[:, None] * stride_n + offs_d[None, :]
+def _load_tile(Base, row_offsets, row_mask, offs_d, HEAD_DIM: tl.constexpr):
+    """A ``[len(row_offsets), BLOCK_D]`` tile, row ``r`` at ``Base + row_offsets[r]``; zeros where masked."""
+    ptrs = Base + row_offsets[:, None] + offs_d[None, :]
     return tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
-def _store_rows(Base, rows, stride_n, row_mask, offs_d, value, HEAD_DIM: tl.constexpr):
-    ptrs = Base + rows[:, None] * stride_n + offs_d[None, :]
+def _store_tile(Base, row_offsets, row_mask, offs_d, value, HEAD_DIM: tl.constexpr):
+    ptrs = Base + row_offsets[:, None] + offs_d[None, :]
     tl.store(ptrs, value.to(Base.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _load_rows(Base, rows, stride_n, row_mask, offs_d, HEAD_DIM: tl.constexpr):
+    """A ``[len(rows), BLOCK_D]`` tile of rows of one (batch, head) slice; zeros where masked."""
+    return _load_tile(Base, rows * stride_n, row_mask, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _store_rows(Base, rows, stride_n, row_mask, offs_d, value, HEAD_DIM: tl.constexpr):
+    _store_tile(Base, rows * stride_n, row_mask, offs_d, value, HEAD_DIM)
 
 
 @triton.jit
@@ -137,6 +148,84 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
         share = tl.sum(tl.where(mask_m[:, None], acc, 0.0), 0) / length.to(tl.float32)
         slot = (b * tl.num_programs(0) + tl.program_id(0)) * H + h
         tl.store(Pooled + slot * HEAD_DIM + offs_d, share, mask=offs_d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------- one-tile forward
+@triton.jit
+def _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS: tl.constexpr):
+    """A subgraph's ``[BLOCK, BLOCK]`` bias tile in its own dtype (0.0 without a bias)."""
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(Bias + _bias_tile_offsets(bias_off, slots, slots, s_bi), mask=mask[:, None] & mask[None, :],
+                       other=0.0)
+    return bias
+
+
+@triton.jit
+def _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, b, h, part, length,
+                     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
+                     H, N, P, pool, qk_scale,
+                     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """o and lse of one (batch, head) of a one-tile subgraph, written: a plain softmax, since
+    every key is in the tile; with ``pool``, the subgraph's mean output too (fp32, at
+    ``Pooled[b, part, h, :]`` of a contiguous ``[B, P, H, HEAD_DIM]`` buffer)."""
+    q = _load_tile(Q, rows * s_qn + (b * s_qb + h * s_qh), mask, offs_d, HEAD_DIM)
+    k = _load_tile(K, rows * s_kn + (b * s_kb + h * s_kh), mask, offs_d, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        s += bias.to(tl.float32) * LOG2E
+    s = tl.where(mask[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.math.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    v = _load_tile(V, rows * s_vn + (b * s_vb + h * s_vh), mask, offs_d, HEAD_DIM)
+    o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
+    _store_tile(O, rows * s_on + (b * s_ob + h * s_oh), mask, offs_d, o, HEAD_DIM)
+    tl.store(LSE + (b * H + h) * N + rows, m + tl.math.log2(l), mask=mask)
+    if pool:
+        # Padding query rows of o hold a weighted average of real v rows, not zeros: mask them.
+        mean = tl.sum(tl.where(mask[:, None], o, 0.0), 0) / length.to(tl.float32)
+        tl.store(Pooled + ((b * P + part) * H + h) * HEAD_DIM + offs_d, mean, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'P', 'pool', 'zero'])
+def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
+                           s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
+                           s_bh, s_bp, s_bi, B, H, N, M, P, pool, zero, qk_scale,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BIAS_LOOP: tl.constexpr, SHARED_BIAS: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """The forward of subgraphs that fit one tile (``M <= BLOCK``): `_one_tile_output`.
+
+    Without ``BIAS_LOOP``: grid (P, B * H), one (batch, head) per program. With it, one
+    program per bias tile loops over every (batch, head) that reads the tile, as the one-tile
+    backward does for the bias gradient, so the bias is read once rather than once per head
+    and batch: grid (P, H) looping over the batch for a per-head bias, (P, 1) looping over
+    batch and heads for a ``SHARED_BIAS``.
+    """
+    part = tl.program_id(0)
+    length = tl.load(Lengths + part)
+    offs_d = tl.arange(0, BLOCK_D)
+    strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh)
+    h0 = tl.program_id(1) if BIAS_LOOP else tl.program_id(1) % H      # the bias head; 0 when shared
+    bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+    if not BIAS_LOOP:
+        slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
+        bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
+        _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, (tl.program_id(1) // H).to(tl.int64),
+                         h0, part, length, *strides, H, N, P, pool, qk_scale, HEAD_DIM, HAS_BIAS, PRECISION)
+    else:
+        heads = H if SHARED_BIAS else 1
+        slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
+        bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
+        for i in range(0, B * heads):
+            # ``i * zero`` is 0, but the compiler cannot know it: the rows' address and mask
+            # tiles are rebuilt each pass instead of hoisted out of the loop, where they would
+            # hold registers for the whole loop and spill.
+            slots, mask, rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
+            _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, (i // heads).to(tl.int64),
+                             h0 + i % heads, part, length, *strides, H, N, P, pool, qk_scale,
+                             HEAD_DIM, HAS_BIAS, PRECISION)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -261,6 +350,87 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
         dbias += ds
     ptrs = DBias + _bias_tile_offsets(bias_off, slots_m, slots_n, s_bi)
     tl.store(ptrs, dbias.to(DBias.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- one-tile backward
+@triton.jit
+def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h,
+                    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                    s_gb, s_gn, s_gh, H, N, qk_scale, scale,
+                    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """dq, dk, dv of one (batch, head) of a one-tile subgraph, written; returns ds (fp32).
+    ``bias``: the subgraph's ``[BLOCK, BLOCK]`` bias tile as loaded, in its dtype, if HAS_BIAS. Each operand is loaded just before its first use, so fewer tiles are live at once."""
+    # Row offsets include this pair's (batch, head) offset: a program looping over pairs then
+    # builds each tile's addresses inside the loop instead of keeping seven [BLOCK, BLOCK_D]
+    # address tiles, hoisted out of it, in registers.
+    q = _load_tile(Q, rows * s_qn + (b * s_qb + h * s_qh), mask, offs_d, HEAD_DIM)
+    k = _load_tile(K, rows * s_kn + (b * s_kb + h * s_kh), mask, offs_d, HEAD_DIM)
+    # lse = inf on padding rows makes their p 0, so only padding columns need a mask.
+    lse = tl.load(LSE + (b * H + h) * N + rows, mask=mask, other=float("inf"))
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        s += bias.to(tl.float32) * LOG2E
+    p = tl.where(mask[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+    grad_rows = rows * s_gn + (b * s_gb + h * s_gh)          # dq, dk and dv share one layout
+    do = _load_tile(DO, rows * s_dn + (b * s_db + h * s_dh), mask, offs_d, HEAD_DIM)
+    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    _store_tile(DV, grad_rows, mask, offs_d, dv, HEAD_DIM)
+    v = _load_tile(V, rows * s_vn + (b * s_vb + h * s_vh), mask, offs_d, HEAD_DIM)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+    dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    _store_tile(DK, grad_rows, mask, offs_d, dk * scale, HEAD_DIM)
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    _store_tile(DQ, grad_rows, mask, offs_d, dq * scale, HEAD_DIM)
+    return ds
+
+
+@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'zero'])
+def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Lengths,
+                           s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                           s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, B, H, N, M, zero, qk_scale, scale,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_BIAS: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """The whole backward of subgraphs that fit one tile (``M <= BLOCK``), in one launch.
+
+    A subgraph's queries and keys are the same rows, so one program loads its q, k, v, dO and
+    lse once and computes the probabilities and their gradient once for both sides
+    (`_one_tile_grads`): ``dv = p^T dO``, ``dp = dO v^T``, ``delta_i = sum_j p_ij dp_ij``
+    (equal to ``rowsum(dO * O)``, without reading O), ``ds = p (dp - delta)``,
+    ``dq = scale ds k``, ``dk = scale ds^T q``. Every row of dq, dk, dv is written once.
+
+    Without ``BIAS_GRAD``: grid (P, B * H), one (batch, head) per program. With it, the bias
+    gradient sums ds over what the bias is broadcast over, so one program owns each bias tile
+    and loops over those pairs in a fixed order: grid (P, H) looping over the batch for a
+    per-head bias, (P, 1) looping over batch and heads for a ``SHARED_BIAS``. Deterministic, no
+    atomics, every input read once.
+    """
+    part = tl.program_id(0)
+    length = tl.load(Lengths + part)
+    offs_d = tl.arange(0, BLOCK_D)
+    strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh, s_gb, s_gn, s_gh)
+    h0 = tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H      # the bias head; 0 when shared
+    bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+    if not BIAS_GRAD:
+        slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
+        bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
+        _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, (tl.program_id(1) // H).to(tl.int64),
+                        h0, *strides, H, N, qk_scale, scale, HEAD_DIM, HAS_BIAS, PRECISION)
+    else:
+        heads = H if SHARED_BIAS else 1
+        dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
+        for i in range(0, B * heads):
+            # Rows and bias are rebuilt each pass (``i * zero`` is 0, but the compiler cannot
+            # know it): hoisted out of the loop, their [BLOCK, BLOCK] address and mask tiles
+            # would stay in registers for the whole loop and spill.
+            slots, mask, rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
+            bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
+            dbias += _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, (i // heads).to(tl.int64),
+                                     h0 + i % heads, *strides, H, N, qk_scale, scale, HEAD_DIM, HAS_BIAS, PRECISION)
+        slots, mask, _ = _tile_rows(Index, part, 0, length, M, BLOCK)
+        tl.store(DBias + _bias_tile_offsets(bias_off, slots, slots, s_bi), dbias.to(DBias.dtype.element_ty),
+                 mask=mask[:, None] & mask[None, :])
 
 
 # ----------------------------------------------------------------------------- segment mean
