@@ -1,6 +1,6 @@
 """Bytes every Triton launch of SBA's intra attention reads and writes at full size, next to the floor.
 
-    python bench/byte_report.py                    # N = 1e6, H = 8, d = 64, fp16, METIS target 64
+    python bench/byte_report.py                    # N = 1e6, H = 8, d = 64, fp16, METIS max_size 64
     python bench/byte_report.py --n 4096 --lengths-from uniform:64 --bias none --out /tmp/bytes
 
 Writes ``bytes.md`` and ``bytes.csv`` under ``--out`` (default ``bench/results/static/``). These are
@@ -26,8 +26,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")     # before triton is imported: kernels run on CPU tensors
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import csv  # noqa: E402
-import inspect  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -44,7 +44,7 @@ from byte_account import ByteCounter, Launch, by_kernel  # noqa: E402
 from scaling import environment, write_atomic  # noqa: E402
 
 import sba_kernels as sk  # noqa: E402
-from sba_kernels import Partition  # noqa: E402
+from sba_kernels import Partition, triton_backend  # noqa: E402
 
 BIAS_KINDS = ("none", "shared", "per-head")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -136,12 +136,26 @@ def extrapolate(histogram: dict[int, int], problem: Problem, *, pool: bool, need
     width = max(histogram)
     forward: list[Launch] = []
     back: list[Launch] = []
-    for n, count in sorted(histogram.items()):
-        fwd, bwd = count_passes(partition_of([n], width, problem.contiguous), problem, pool=pool,
-                                need_dbias=need_dbias, backward=backward)
-        forward += [launch * count for launch in fwd]
-        back += [launch * count for launch in bwd]
+    with _bias_loop_as_for(sum(histogram.values())):
+        for n, count in sorted(histogram.items()):
+            fwd, bwd = count_passes(partition_of([n], width, problem.contiguous), problem, pool=pool,
+                                    need_dbias=need_dbias, backward=backward)
+            forward += [launch * count for launch in fwd]
+            back += [launch * count for launch in bwd]
     return by_kernel(forward), by_kernel(back)
+
+
+@contextlib.contextmanager
+def _bias_loop_as_for(num_parts: int):
+    """The one-tile forward's choice between one program per (batch, head) and one per bias
+    tile depends on the number of subgraphs (`triton_backend.BIAS_LOOP_MIN_PARTS`): a
+    one-subgraph problem makes the choice ``num_parts`` subgraphs make."""
+    saved = triton_backend.BIAS_LOOP_MIN_PARTS
+    triton_backend.BIAS_LOOP_MIN_PARTS = 1 if num_parts >= saved else sys.maxsize
+    try:
+        yield
+    finally:
+        triton_backend.BIAS_LOOP_MIN_PARTS = saved
 
 
 def full_partition(histogram: dict[int, int], contiguous: bool) -> Partition:
@@ -189,8 +203,8 @@ def lengths_histogram(spec: str, num_nodes: int, *, seed: int = 0, k: int = 8) -
     * ``uniform:S``: ``N // S`` subgraphs of S nodes and one of the remainder;
     * ``metis:S``: METIS (`sba_model.partition_graph`) into ``ceil(N / S)`` parts of a k-NN graph
       (k neighbours) on N random points of the unit square;
-    * ``metis-max:S``: the same graph through ``partition_graph(..., max_size=S)``, where
-      `partition_graph` takes that keyword.
+    * ``metis-max:S``: the same graph through ``partition_graph(..., max_size=S)``: no subgraph
+      over S nodes, so every one fits one tile of S rows.
     """
     kind, _, size = spec.partition(":")
     size = int(size)
@@ -201,16 +215,14 @@ def lengths_histogram(spec: str, num_nodes: int, *, seed: int = 0, k: int = 8) -
         raise ValueError(f"--lengths-from takes uniform:S, metis:S or metis-max:S, got {spec!r}")
     from sba_model import knn_adjacency, partition_graph
 
-    extra = {}
-    if kind == "metis-max":
-        if "max_size" not in inspect.signature(partition_graph).parameters:
-            raise ValueError("this partition_graph takes no max_size: use metis:S")
-        extra = {"max_size": size}
+    # metis:S asks for ceil(N / S) parts; metis-max:S for parts of at most S nodes, as many as
+    # partition_graph chooses (a little more than N / S, so METIS has room to cut well).
+    args = dict(num_parts=math.ceil(num_nodes / size)) if kind == "metis" else dict(max_size=size)
     adjacency = knn_adjacency(np.random.default_rng(seed).random((num_nodes, 2)), k)
-    parts = math.ceil(num_nodes / size)
-    partition = partition_graph(adjacency, parts, seed=seed, **extra)
+    partition = partition_graph(adjacency, seed=seed, **args)
     counts = torch.bincount(partition.lengths.long()).tolist()
-    how = (f"METIS (`partition_graph(adjacency, {parts}{', max_size=%d' % size if extra else ''}, seed={seed})`) "
+    call = ", ".join(f"{key}={value}" for key, value in args.items())
+    how = (f"METIS (`partition_graph(adjacency, {call}, seed={seed})`: {partition.num_parts:,} subgraphs) "
            f"of a k-NN graph (k = {k}) on {num_nodes:,} random points")
     return {n: c for n, c in enumerate(counts) if c}, how
 
@@ -371,7 +383,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--bias", nargs="+", choices=BIAS_KINDS, default=list(BIAS_KINDS))
-    p.add_argument("--lengths-from", default="metis:64", help="uniform:S, metis:S or metis-max:S")
+    p.add_argument("--lengths-from", default="metis-max:64", help="uniform:S, metis:S or metis-max:S")
     p.add_argument("--knn", type=int, default=8, help="neighbours per node of the k-NN graph METIS cuts")
     p.add_argument("--gather", action="store_true", help="subgraphs not contiguous in node order")
     p.add_argument("--seed", type=int, default=0)

@@ -42,8 +42,12 @@ from sba_model import knn_adjacency, partition_graph, to_csr  # noqa: E402
 # argument holding the rows of the tile a program starts at ``(program % tiles) * rows``.
 TILED = {"attention_fwd": ("TILES_PER_PART", "BLOCK_M"), "attention_bwd_dq": ("TILES_PER_PART", "BLOCK_M"),
          "attention_bwd_dkdv": ("TILES_PER_PART", "BLOCK_N")}
-LAUNCH_LABELS = {"attention_fwd": "forward", "attention_bwd_delta": "delta", "attention_bwd_dq": "dQ",
-                 "attention_bwd_dkdv": "dK/dV", "attention_bwd_dbias": "dBias"}
+# The one-tile kernels: one program per subgraph (and per (batch, head), or per bias tile),
+# holding the whole subgraph in one tile of BLOCK rows.
+ONE_TILE = ("attention_fwd_one_tile", "attention_bwd_one_tile")
+LAUNCH_LABELS = {"attention_fwd": "tiled forward", "attention_bwd_delta": "delta", "attention_bwd_dq": "dQ",
+                 "attention_bwd_dkdv": "dK/dV", "attention_bwd_dbias": "dBias",
+                 "attention_fwd_one_tile": "one-tile forward", "attention_bwd_one_tile": "one-tile backward"}
 
 
 @dataclass
@@ -93,6 +97,10 @@ def launch_tiles(kernel: str, grid: tuple, args: dict, lengths: np.ndarray) -> L
         assert grid[0] == parts * tiles, (kernel, grid, parts, tiles)
         return LaunchTiles(kernel, f"{rows} rows", tiles, grid[0], int(tiles_used(lengths, tiles, rows).sum()),
                            nodes / (grid[0] * rows))
+    if kernel in ONE_TILE:
+        rows = args["BLOCK"]
+        assert grid[0] == parts, (kernel, grid, parts)
+        return LaunchTiles(kernel, f"{rows} rows", 1, grid[0], parts, nodes / (parts * rows))
     if kernel == "attention_bwd_dbias":       # one program per (query tile, key tile) pair
         q_tiles, k_tiles, rows, cols = args["Q_TILES"], args["K_TILES"], args["BLOCK_M"], args["BLOCK_N"]
         assert grid[0] == parts * q_tiles * k_tiles, (kernel, grid, parts)
@@ -145,15 +153,19 @@ def size_table(rows: list[dict]) -> list[str]:
 
 
 def launch_table(rows: list[dict]) -> list[str]:
-    kernels = [launch.kernel for launch in rows[0]["launches"]]
-    head = "| N | partition | " + " | ".join(LAUNCH_LABELS[k] for k in kernels) + " |"
-    out = [head, "|---|---|" + "---|" * len(kernels)]
+    """One row per partition; per pass, each launch as ``label: tiles per subgraph x tile rows:
+    % of programs with work / % of tile rows filled``. Partitions that fit one tile take other
+    kernels than the rest, so launches are listed in cells rather than as columns."""
+    out = ["| N | partition | forward | backward |", "|---|---|---|---|"]
     for r in rows:
-        cells = []
+        cells = {"forward": [], "backward": []}
         for launch in r["launches"]:
             tiles = launch.tile if launch.per_subgraph is None else f"{launch.per_subgraph} x {launch.tile}"
-            cells.append(f"{tiles}: {100 * launch.with_work / launch.programs:.1f} / {100 * launch.filled:.0f}")
-        out.append(f"| {r['n']:,} | {r['partition']} | " + " | ".join(cells) + " |")
+            cell = (f"{LAUNCH_LABELS[launch.kernel]}: {tiles}: {100 * launch.with_work / launch.programs:.1f} / "
+                    f"{100 * launch.filled:.0f}")
+            cells["forward" if launch.kernel.startswith("attention_fwd") else "backward"].append(cell)
+        out.append(f"| {r['n']:,} | {r['partition']} | " + "; ".join(cells["forward"]) + " | "
+                   + "; ".join(cells["backward"]) + " |")
     return out
 
 
@@ -173,9 +185,11 @@ def report(rows: list[dict], args, argv: list[str], env: dict, knn_s: dict) -> s
         "## Subgraph sizes", "",
         *size_table(rows), "",
         f"## Programs per launch (fp16 or bf16, head dim {args.head_dim}, one shared bias)", "",
-        "Each cell: the programs each subgraph gets per (batch, head) x the tile of one program, then "
-        "`% of launched programs with work / % of launched tile rows holding a node`. A program has work "
-        "when its tile starts inside its subgraph; the others return at once. dBias: one program per "
+        "Each launch of a pass: its kernel, the programs each subgraph gets per (batch, head) x the tile "
+        "of one program, then `% of launched programs with work / % of launched tile rows holding a "
+        "node`. A program has work when its tile starts inside its subgraph; the others return at once. "
+        "Subgraphs that all fit one tile take the one-tile kernels (one forward and one fused backward "
+        "launch, `triton_backend.one_tile_blocks`); the rest take the tiled ones. dBias: one program per "
         "(query tile, key tile) pair, filled = tile entries holding a pair of nodes. The delta launch "
         "runs over rows of N, not subgraphs.", "",
         *launch_table(rows),

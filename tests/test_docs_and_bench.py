@@ -126,6 +126,23 @@ def test_tile_report_counts_programs_from_the_launch_grid():
     assert got["attention_bwd_delta"].with_work == got["attention_bwd_delta"].programs == 5      # 260 rows / 64
 
 
+def test_tile_report_counts_one_tile_programs():
+    """Subgraphs of 64, 40 and 1 nodes (M = 64, fp16, head dim 64): one program per subgraph,
+    forward and backward, each with work; 105 of 3 x 64 tile rows hold a node."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from tile_report import launch_tiles, record_launches
+    from sba_kernels import Partition
+
+    sizes = [64, 40, 1]
+    partition = Partition.from_assignment([p for p, s in enumerate(sizes) for _ in range(s)])
+    lengths = partition.lengths.numpy().astype("int64")
+    got = {k: launch_tiles(k, grid, args, lengths) for k, grid, args in record_launches(partition, 64)}
+    assert set(got) == {"attention_fwd_one_tile", "attention_bwd_one_tile"}
+    for launch in got.values():
+        assert (launch.tile, launch.per_subgraph, launch.programs, launch.with_work) == ("64 rows", 1, 3, 3)
+        assert launch.filled == 105 / (3 * 64)
+
+
 def test_tile_report_writes_the_table(tmp_path):
     out = tmp_path / "tiles.md"
     cmd = [sys.executable, str(ROOT / "bench" / "tile_report.py"), "--n", "3000", "--targets", "32", "64",
@@ -142,9 +159,14 @@ def test_tile_report_writes_the_table(tmp_path):
     for target in (32, 64):
         largest = int(sizes[f"max_size = {target}"][5].split("/")[2])
         assert largest <= target
-        assert launches[f"max_size = {target}"][3].strip().startswith(f"1 x {target} rows: 100.0 /")
-        # the plain partition's largest subgraph sets the forward tile: 32 or 64 rows (the cap at d = 64)
+        # capped: every subgraph in one tile, one program each, forward and backward
+        assert launches[f"max_size = {target}"][3].strip().startswith(f"one-tile forward: 1 x {target} rows: 100.0 /")
+        assert launches[f"max_size = {target}"][4].strip().startswith(f"one-tile backward: 1 x {target} rows: 100.0 /")
+        # plain: the largest subgraph sets the tile, one-tile kernels while it fits 64 rows (the cap at d = 64)
         plain_largest = int(sizes[f"ceil(N / {target}) parts"][5].split("/")[2])
-        tile = 32 if plain_largest <= 32 else 64
         forward = launches[f"ceil(N / {target}) parts"][3].strip()
-        assert forward.startswith(f"{-(-plain_largest // tile)} x {tile} rows")
+        if plain_largest <= 64:
+            tile = 32 if plain_largest <= 32 else 64
+            assert forward.startswith(f"one-tile forward: 1 x {tile} rows: 100.0 /")
+        else:
+            assert forward.startswith(f"tiled forward: {-(-plain_largest // 64)} x 64 rows")
