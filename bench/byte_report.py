@@ -151,7 +151,7 @@ def _bias_loop_as_for(num_parts: int):
     tile depends on the number of subgraphs (`triton_backend.BIAS_LOOP_MIN_PARTS`): a
     one-subgraph problem makes the choice ``num_parts`` subgraphs make."""
     saved = triton_backend.BIAS_LOOP_MIN_PARTS
-    triton_backend.BIAS_LOOP_MIN_PARTS = 1 if num_parts >= saved else sys.maxsize
+    triton_backend.BIAS_LOOP_MIN_PARTS = 1 if triton_backend.uses_bias_loop(num_parts, True) else sys.maxsize
     try:
         yield
     finally:

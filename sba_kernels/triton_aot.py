@@ -142,12 +142,13 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
     try:
         # One subgraph here: with the threshold at 1 and at its value, both forms of the
         # one-tile forward (one program per pair, one per bias tile) are recorded.
-        for tb.BIAS_LOOP_MIN_PARTS in (1, saved_min_parts):
+        for min_parts in (1, saved_min_parts):
+            tb.BIAS_LOOP_MIN_PARTS = min_parts
             o, lse, _ = tb.attention_forward(q, k, v, index, lengths, bias, 0.125, False)
             tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
     finally:
         tb.BIAS_LOOP_MIN_PARTS = saved_min_parts
-    for need_dbias in {False, bias is not None}:      # a bias can be frozen: no gradient
+    for need_dbias in ((False, True) if bias is not None else (False,)):     # a bias can be frozen
         tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=need_dbias)
 
 

@@ -2,10 +2,13 @@
 
 `TritonBackend` says what it supports; its ops run the launch functions here through the
 ``sba::`` custom ops of `custom_ops` (shared with the CUDA C++ backend):
-``attention_forward`` -> ``triton_kernels.attention_fwd``, ``attention_backward`` -> the
-delta, dQ, dK/dV and dBias kernels, ``segment_mean_forward``/``_backward`` -> the
-segment-mean kernels. Block sizes follow from shapes and dtype alone (`blocks_for`); the backward
-tiles independently of the forward (lse is saved per row, not per tile).
+``attention_forward`` -> ``_forward_one_tile`` (``triton_kernels.attention_fwd_one_tile``)
+when every subgraph fits one tile (`one_tile_blocks`), else ``_forward_tiled``
+(``attention_fwd``); ``attention_backward`` -> ``_backward_one_tile`` (one fused launch,
+``attention_bwd_one_tile``) or ``_backward_tiled`` (the delta, dQ, dK/dV and dBias kernels);
+``segment_mean_forward``/``_backward`` -> the segment-mean kernels. Block sizes follow from
+shapes and dtype alone (`one_tile_blocks`, `blocks_for`); the tiled backward tiles
+independently of the forward (lse is saved per row, not per tile).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
     * the forward takes 64-row tiles at head dim <= 64 with 8 warps (4 warps spill on sm_80),
       32 at head dim 128 and in fp32;
     * fp32 runs 8 warps and one pipeline stage everywhere (but the dQ kernel, see
-      `attention_backward`).
+      `_backward_tiled`).
     """
     d = max(16, triton.next_power_of_2(head_dim))
     fit = max(16, triton.next_power_of_2(max_len))
@@ -150,8 +153,14 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
 
 
 # A bias loop (one program per bias tile, looping over the heads and batch that read it) reads
-# the bias once but runs fewer programs: worth it once there are enough subgraphs to fill the GPU.
+# the bias once but runs fewer programs: worth it once there are enough subgraphs to fill a GPU
+# (1024: about 8 per SM of an H100; a guess, not yet timed).
 BIAS_LOOP_MIN_PARTS = 1024
+
+
+def uses_bias_loop(num_parts: int, has_bias: bool) -> bool:
+    """Whether the one-tile forward runs one program per bias tile (`BIAS_LOOP_MIN_PARTS`)."""
+    return has_bias and num_parts >= BIAS_LOOP_MIN_PARTS
 
 
 def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
@@ -163,7 +172,7 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
     lse = _new((B, H, N), torch.float32, q.device)
     pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
     shared = bias is not None and bias.dim() == 3
-    bias_loop = bias is not None and P >= BIAS_LOOP_MIN_PARTS
+    bias_loop = uses_bias_loop(P, bias is not None)
     _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),
         q, k, v, o, lse, pooled, bias if bias is not None else q, index, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),

@@ -1,12 +1,20 @@
-"""Triton kernels for SBA: subgraph attention (forward, dQ, dK/dV, dBias) and segment mean.
+"""Triton kernels for SBA: subgraph attention and segment mean.
 
-Conventions shared by every attention kernel:
+Two families of attention kernels:
 
-* node tensors are ``[B, N, H, d]`` with the last dim contiguous; a program handles one
-  ``(batch, head)`` and one tile of one subgraph: grid axis 0 runs over ``P x tiles_per_part``
-  (``tiles_per_part = ceil(M / BLOCK)``), and a program whose tile starts past its subgraph's
-  end returns at once. Grid sizes depend on shapes only, which keeps the ops traceable by
-  torch.compile; METIS partitions are near-uniform, so few programs idle;
+* one-tile (`attention_fwd_one_tile`, `attention_bwd_one_tile`), for partitions whose every
+  subgraph fits one tile: grid axis 0 runs over the P subgraphs, one program holds a whole
+  subgraph for one ``(batch, head)`` (or loops over those that share a bias tile), and the
+  backward is one fused launch;
+* tiled (`attention_fwd`; `attention_bwd_delta`, `_dq`, `_dkdv`, `_dbias`), for any size: a
+  program handles one ``(batch, head)`` and one tile of one subgraph, grid axis 0 runs over
+  ``P x tiles_per_part`` (``tiles_per_part = ceil(M / BLOCK)``), and a program whose tile starts
+  past its subgraph's end returns at once.
+
+Grid sizes depend on shapes only, which keeps the ops traceable by torch.compile. Conventions
+shared by every attention kernel:
+
+* node tensors are ``[B, N, H, d]`` with the last dim contiguous; offsets are int64;
 * a tile's rows are gathered through ``index[part, slot]``: slot ``s`` of subgraph ``p`` is
   node ``index[p, s]``; slots ``>= lengths[p]`` are masked out;
 * scores live in log2 units (``scale * log2(e)`` folded into one multiplier) so the softmax
@@ -46,8 +54,16 @@ def _load_tile(Base, row_offsets, row_mask, offs_d, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _store_tile(Base, row_offsets, row_mask, offs_d, value, HEAD_DIM: tl.constexpr):
+    """`_load_tile`'s inverse: ``value`` (cast to Base's dtype) at ``Base + row_offsets[r]``, where masked in."""
     ptrs = Base + row_offsets[:, None] + offs_d[None, :]
     tl.store(ptrs, value.to(Base.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _row_offsets(rows, b, h, s_b, s_n, s_h):
+    """Element offsets of ``rows`` of the (batch ``b``, head ``h``) slice of a ``[B, N, H, d]``
+    tensor with strides ``(s_b, s_n, s_h, 1)``; int64 (``b``, ``h`` and ``rows`` are)."""
+    return rows * s_n + (b * s_b + h * s_h)
 
 
 @triton.jit
@@ -87,7 +103,7 @@ def _program_tile(Lengths, TILES_PER_PART, H, BLOCK: tl.constexpr):
     length = tl.load(Lengths + part)
     start = (tl.program_id(0) % TILES_PER_PART) * BLOCK
     bh = tl.program_id(1)
-    return part, length, start, (bh // H).to(tl.int64), bh % H
+    return part, length, start, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
 
 
 @triton.jit
@@ -169,8 +185,8 @@ def _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, b, h, pa
     """o and lse of one (batch, head) of a one-tile subgraph, written: a plain softmax, since
     every key is in the tile; with ``pool``, the subgraph's mean output too (fp32, at
     ``Pooled[b, part, h, :]`` of a contiguous ``[B, P, H, HEAD_DIM]`` buffer)."""
-    q = _load_tile(Q, rows * s_qn + (b * s_qb + h * s_qh), mask, offs_d, HEAD_DIM)
-    k = _load_tile(K, rows * s_kn + (b * s_kb + h * s_kh), mask, offs_d, HEAD_DIM)
+    q = _load_tile(Q, _row_offsets(rows, b, h, s_qb, s_qn, s_qh), mask, offs_d, HEAD_DIM)
+    k = _load_tile(K, _row_offsets(rows, b, h, s_kb, s_kn, s_kh), mask, offs_d, HEAD_DIM)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
         s += bias.to(tl.float32) * LOG2E
@@ -178,9 +194,9 @@ def _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, b, h, pa
     m = tl.max(s, 1)
     p = tl.math.exp2(s - m[:, None])
     l = tl.sum(p, 1)
-    v = _load_tile(V, rows * s_vn + (b * s_vb + h * s_vh), mask, offs_d, HEAD_DIM)
+    v = _load_tile(V, _row_offsets(rows, b, h, s_vb, s_vn, s_vh), mask, offs_d, HEAD_DIM)
     o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
-    _store_tile(O, rows * s_on + (b * s_ob + h * s_oh), mask, offs_d, o, HEAD_DIM)
+    _store_tile(O, _row_offsets(rows, b, h, s_ob, s_on, s_oh), mask, offs_d, o, HEAD_DIM)
     tl.store(LSE + (b * H + h) * N + rows, m + tl.math.log2(l), mask=mask)
     if pool:
         # Padding query rows of o hold a weighted average of real v rows, not zeros: mask them.
@@ -207,8 +223,8 @@ def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
     length = tl.load(Lengths + part)
     offs_d = tl.arange(0, BLOCK_D)
     strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh)
-    h0 = tl.program_id(1) if BIAS_LOOP else tl.program_id(1) % H      # the bias head; 0 when shared
-    bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+    h0 = (tl.program_id(1) if BIAS_LOOP else tl.program_id(1) % H).to(tl.int64)   # the bias head; 0 when shared
+    bias_off = h0 * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_LOOP:
         slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
         bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
@@ -216,14 +232,14 @@ def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
                          h0, part, length, *strides, H, N, P, pool, qk_scale, HEAD_DIM, HAS_BIAS, PRECISION)
     else:
         heads = H if SHARED_BIAS else 1
-        slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
-        bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
+        slots = tl.arange(0, BLOCK)               # the bias is indexed by slot: no node ids needed
+        bias = _one_tile_bias(Bias, bias_off, slots, slots < length, s_bi, HAS_BIAS)
         for i in range(0, B * heads):
             # ``i * zero`` is 0, but the compiler cannot know it: the rows' address and mask
             # tiles are rebuilt each pass instead of hoisted out of the loop, where they would
             # hold registers for the whole loop and spill.
-            slots, mask, rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
-            _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, (i // heads).to(tl.int64),
+            _, pass_mask, pass_rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
+            _one_tile_output(Q, K, V, O, LSE, Pooled, bias, pass_mask, pass_rows, offs_d, (i // heads).to(tl.int64),
                              h0 + i % heads, part, length, *strides, H, N, P, pool, qk_scale,
                              HEAD_DIM, HAS_BIAS, PRECISION)
 
@@ -235,7 +251,7 @@ def attention_bwd_delta(O, DO, Delta, s_ob, s_on, s_oh, s_db, s_dn, s_dh, H, N,
     """``delta[b, h, n] = sum_d dO * O``, fp32."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -338,7 +354,7 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for i in range(0, B * HEADS_SUMMED):
         b = (i // HEADS_SUMMED).to(tl.int64)
-        h = hb + i % HEADS_SUMMED          # shared: hb = 0, h runs over heads; per head: h = hb
+        h = (hb + i % HEADS_SUMMED).to(tl.int64)     # shared: hb = 0, h runs over heads; per head: h = hb
         q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
         do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
         k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
@@ -358,24 +374,26 @@ def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h
                     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
                     s_gb, s_gn, s_gh, H, N, qk_scale, scale,
                     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk, dv of one (batch, head) of a one-tile subgraph, written; returns ds (fp32).
-    ``bias``: the subgraph's ``[BLOCK, BLOCK]`` bias tile as loaded, in its dtype, if HAS_BIAS. Each operand is loaded just before its first use, so fewer tiles are live at once."""
+    """dq, dk, dv of one (batch, head) of a one-tile subgraph, written; returns ds ``[BLOCK, BLOCK]``
+    fp32. ``mask``, ``rows``: ``[BLOCK]`` slots in use and their node ids (int64); ``bias``: the
+    subgraph's ``[BLOCK, BLOCK]`` bias tile in its dtype, if HAS_BIAS. Each operand is loaded
+    just before its first use, so fewer tiles are live at once."""
     # Row offsets include this pair's (batch, head) offset: a program looping over pairs then
     # builds each tile's addresses inside the loop instead of keeping seven [BLOCK, BLOCK_D]
     # address tiles, hoisted out of it, in registers.
-    q = _load_tile(Q, rows * s_qn + (b * s_qb + h * s_qh), mask, offs_d, HEAD_DIM)
-    k = _load_tile(K, rows * s_kn + (b * s_kb + h * s_kh), mask, offs_d, HEAD_DIM)
+    q = _load_tile(Q, _row_offsets(rows, b, h, s_qb, s_qn, s_qh), mask, offs_d, HEAD_DIM)
+    k = _load_tile(K, _row_offsets(rows, b, h, s_kb, s_kn, s_kh), mask, offs_d, HEAD_DIM)
     # lse = inf on padding rows makes their p 0, so only padding columns need a mask.
     lse = tl.load(LSE + (b * H + h) * N + rows, mask=mask, other=float("inf"))
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
         s += bias.to(tl.float32) * LOG2E
     p = tl.where(mask[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-    grad_rows = rows * s_gn + (b * s_gb + h * s_gh)          # dq, dk and dv share one layout
-    do = _load_tile(DO, rows * s_dn + (b * s_db + h * s_dh), mask, offs_d, HEAD_DIM)
+    grad_rows = _row_offsets(rows, b, h, s_gb, s_gn, s_gh)          # dq, dk and dv share one layout
+    do = _load_tile(DO, _row_offsets(rows, b, h, s_db, s_dn, s_dh), mask, offs_d, HEAD_DIM)
     dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
     _store_tile(DV, grad_rows, mask, offs_d, dv, HEAD_DIM)
-    v = _load_tile(V, rows * s_vn + (b * s_vb + h * s_vh), mask, offs_d, HEAD_DIM)
+    v = _load_tile(V, _row_offsets(rows, b, h, s_vb, s_vn, s_vh), mask, offs_d, HEAD_DIM)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
     dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
@@ -403,15 +421,15 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
     Without ``BIAS_GRAD``: grid (P, B * H), one (batch, head) per program. With it, the bias
     gradient sums ds over what the bias is broadcast over, so one program owns each bias tile
     and loops over those pairs in a fixed order: grid (P, H) looping over the batch for a
-    per-head bias, (P, 1) looping over batch and heads for a ``SHARED_BIAS``. Deterministic, no
-    atomics, every input read once.
+    per-head bias, (P, 1) looping over batch and heads for a ``SHARED_BIAS``. Deterministic and
+    without atomics; q, k, v, dO and lse are read once, the bias tile once per pair.
     """
     part = tl.program_id(0)
     length = tl.load(Lengths + part)
     offs_d = tl.arange(0, BLOCK_D)
     strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh, s_gb, s_gn, s_gh)
-    h0 = tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H      # the bias head; 0 when shared
-    bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
+    h0 = (tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H).to(tl.int64)   # the bias head; 0 when shared
+    bias_off = h0 * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_GRAD:
         slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
         bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
@@ -423,12 +441,15 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
         for i in range(0, B * heads):
             # Rows and bias are rebuilt each pass (``i * zero`` is 0, but the compiler cannot
             # know it): hoisted out of the loop, their [BLOCK, BLOCK] address and mask tiles
-            # would stay in registers for the whole loop and spill.
-            slots, mask, rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
-            bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
-            dbias += _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, (i // heads).to(tl.int64),
-                                     h0 + i % heads, *strides, H, N, qk_scale, scale, HEAD_DIM, HAS_BIAS, PRECISION)
-        slots, mask, _ = _tile_rows(Index, part, 0, length, M, BLOCK)
+            # would stay in registers for the whole loop and spill. So the bias tile is read
+            # once per pair here (from cache after the first), not once per program.
+            pass_slots, pass_mask, pass_rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
+            bias = _one_tile_bias(Bias, bias_off, pass_slots, pass_mask, s_bi, HAS_BIAS)
+            dbias += _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, pass_mask, pass_rows, offs_d,
+                                     (i // heads).to(tl.int64), h0 + i % heads, *strides, H, N, qk_scale, scale,
+                                     HEAD_DIM, HAS_BIAS, PRECISION)
+        slots = tl.arange(0, BLOCK)
+        mask = slots < length
         tl.store(DBias + _bias_tile_offsets(bias_off, slots, slots, s_bi), dbias.to(DBias.dtype.element_ty),
                  mask=mask[:, None] & mask[None, :])
 
