@@ -62,8 +62,9 @@ def _store_tile(Base, row_offsets, row_mask, offs_d, value, HEAD_DIM: tl.constex
 @triton.jit
 def _row_offsets(rows, b, h, s_b, s_n, s_h):
     """Element offsets of ``rows`` of the (batch ``b``, head ``h``) slice of a ``[B, N, H, d]``
-    tensor with strides ``(s_b, s_n, s_h, 1)``; int64 (``b``, ``h`` and ``rows`` are)."""
-    return rows * s_n + (b * s_b + h * s_h)
+    tensor with strides ``(s_b, s_n, s_h, 1)``; int64 (``b`` and ``rows`` are; ``h`` is widened
+    here, where it meets a stride, rather than held as int64 in the loops)."""
+    return rows * s_n + (b * s_b + h.to(tl.int64) * s_h)
 
 
 @triton.jit
@@ -223,8 +224,8 @@ def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
     length = tl.load(Lengths + part)
     offs_d = tl.arange(0, BLOCK_D)
     strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh)
-    h0 = (tl.program_id(1) if BIAS_LOOP else tl.program_id(1) % H).to(tl.int64)   # the bias head; 0 when shared
-    bias_off = h0 * s_bh + part.to(tl.int64) * s_bp
+    h0 = tl.program_id(1) if BIAS_LOOP else tl.program_id(1) % H      # the bias head; 0 when shared
+    bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_LOOP:
         slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
         bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
@@ -428,8 +429,8 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
     length = tl.load(Lengths + part)
     offs_d = tl.arange(0, BLOCK_D)
     strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh, s_gb, s_gn, s_gh)
-    h0 = (tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H).to(tl.int64)   # the bias head; 0 when shared
-    bias_off = h0 * s_bh + part.to(tl.int64) * s_bp
+    h0 = tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H      # the bias head; 0 when shared
+    bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_GRAD:
         slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
         bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
