@@ -3,12 +3,14 @@
 # Logs and results go to $OUT (the device tool brings that folder back); commit them under
 # bench/results/gpu-<device>/ afterwards.
 #
-#   bash bench/gpu_check.sh [tests] [sanitize] [kernels] [sweep]     (default: all four)
+#   bash bench/gpu_check.sh [build] [tests] [sanitize] [kernels] [sweep]   (default: all five)
 #   SWEEP_ARGS="--n 8600 100000" bash bench/gpu_check.sh sweep
+#   PYTEST_ARGS="-n 8 --maxfail 30" bash bench/gpu_check.sh tests   (default: -x, one process)
 #
 # A device call is capped at 10 minutes, so nothing here may take the whole call with it:
 # * every stage runs under `timeout` (STAGE_S seconds, default 150), and a stage that hits it
 #   is reported and the next stage runs;
+# * `build` compiles the cuda backend's extension (cached for the stages after it);
 # * `tests` runs only the GPU tests (`-m gpu`), stopping at the first failure, 120 s per test;
 # * the sweep rewrites scaling.csv/json after every point, so a killed sweep keeps its points;
 # * the project is used from this checkout through PYTHONPATH: no `pip install -e`, no build.
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 STAGE_S=${STAGE_S:-150}
 mkdir -p "$OUT"
-stages=${*:-tests sanitize kernels sweep}
+stages=${*:-build tests sanitize kernels sweep}
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -52,12 +54,13 @@ stage() {   # stage NAME LOG COMMAND...: run under the time limit, log to $OUT/L
 
 for s in $stages; do
     case $s in
+        build)      # the cuda backend's extension, so that tests and the sanitizer watch kernels, not nvcc
+            stage build build.log python3 -c "from sba_kernels import cuda_backend as c; print('cuda backend:', c.unavailable_reason())" ;;
         tests)      # SPEC 5 on CUDA: the tests marked gpu (fp32 IEEE, tf32, bf16; the cuda backend)
-            stage tests tests.log python3 -m pytest -q -m gpu -x --timeout 120 -p no:cacheprovider tests ;;
-        sanitize)   # the cuda backend's kernels under compute-sanitizer, on a small case
-            # Build (or load the cached) extension first, so the sanitizer watches kernels, not nvcc.
-            stage build build.log python3 -c "from sba_kernels import cuda_backend as c; print('cuda backend:', c.unavailable_reason())"
-            for tool in memcheck racecheck; do
+            # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words on purpose
+            stage tests tests.log python3 -m pytest -q -m gpu ${PYTEST_ARGS:--x} --timeout 120 -p no:cacheprovider tests ;;
+        sanitize)   # the cuda backend's kernels under compute-sanitizer, on a small case (after build)
+            for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
                 stage "sanitize-$tool" "sanitize-$tool.log" \
                     compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/cuda_small_case.py
             done ;;

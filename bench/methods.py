@@ -7,6 +7,8 @@ Same work as SBA's intra-subgraph attention (block-diagonal attention):
   ``sdpa_dense_mask``   SDPA with a dense ``[N, N]`` block-diagonal boolean mask
   ``sdpa_padded``       subgraphs gathered into a padded ``[B*P, H, M, d]`` batch, key padding masked
   ``flex_document``     FlexAttention with a document BlockMask, compiled
+  ``sdpa_nested``       SDPA on a jagged nested tensor, one sequence per (batch, subgraph): on
+                        CUDA, PyTorch runs flash-attention's variable-length kernel
 What SBA replaces and what a user runs:
   ``sdpa_full``         SDPA over all N tokens (full attention)
   ``sba_layer[<backend>]``  the SBAttention layer (projections, intra, pooling, inter; the inter
@@ -123,6 +125,27 @@ def flex_document(q, k, v, partition: Partition) -> Method:
     return lambda q, k, v: _bhnd(compiled(_bhnd(q), _bhnd(k), _bhnd(v), block_mask=mask))
 
 
+def sdpa_nested(q, k, v, partition: Partition) -> Method:
+    index = partition.index.long()
+    nodes = index[index >= 0]                                     # node ids, subgraph after subgraph
+    lengths = partition.lengths.long()
+
+    def run(q, k, v):
+        B, N, H, d = q.shape
+        # One jagged sequence per (batch, subgraph): offsets of B copies of the lengths.
+        offsets = torch.cat([lengths.new_zeros(1), lengths.repeat(B).cumsum(0)])
+
+        def jagged(t):                                            # [B, N, H, d] -> [B*P, H, (j), d]
+            values = t[:, nodes].reshape(B * N, H, d)
+            return torch.nested.nested_tensor_from_jagged(values, offsets).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v))
+        o = o.transpose(1, 2).values().view(B, N, H, d)
+        return torch.empty_like(q).index_copy(1, nodes, o)
+
+    return run
+
+
 def registry(device: str, levels: Sequence[Partition] = ()) -> dict[str, Callable]:
     """Method name -> builder, for the backends usable on ``device`` (the Triton interpreter
     is never timed: on the CPU only the torch and sdpa backends run). ``levels``: the SBA layer's
@@ -137,5 +160,5 @@ def registry(device: str, levels: Sequence[Partition] = ()) -> dict[str, Callabl
         methods[f"sba_layer.inter[{b}]"] = sba_layer_inter(b, levels)
     methods["layer_projections"] = layer_projections
     methods.update(sdpa_full=sdpa_full, sdpa_dense_mask=sdpa_dense_mask, sdpa_padded=sdpa_padded,
-                   flex_document=flex_document)
+                   sdpa_nested=sdpa_nested, flex_document=flex_document)
     return methods

@@ -184,7 +184,7 @@ def sweep(args, cfg: Config, on_point=lambda rows: None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp, _Progress(len(args.n) * len(names)) as bar:
         for n in args.n:
             bar.set_description(f"N={n}: partitioning")
-            partition, levels = build_layout(n, args.subgraph_size, seed=cfg.seed)
+            partition, levels = build_layout(n, args.subgraph_size, seed=cfg.seed, max_size=args.max_size or None)
             part_file = os.path.join(tmp, f"partition_{n}.pt")
             torch.save({"index": partition.index, "lengths": partition.lengths,
                         "levels": [(lv.index, lv.lengths) for lv in levels]}, part_file)
@@ -354,6 +354,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=None, help="default 4 on CPU, 8 on GPU")
     p.add_argument("--head-dim", type=int, default=None, help="default 32 on CPU, 64 on GPU")
     p.add_argument("--subgraph-size", type=int, default=64, help="target nodes per subgraph (P = ceil(N / this))")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="no subgraph larger than this (default: --subgraph-size, so each fits one kernel tile; "
+                        "0: METIS's own imbalance, about half the parts one or two over)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on GPU")
     p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
                    help="also time forward+backward (default: yes, but not with --large)")
@@ -389,6 +392,10 @@ def parse_args(argv=None):
     args.point_timeout = args.point_timeout or 150.0
     if min(args.n) < 2:
         p.error("--n: node counts must be >= 2")
+    if args.max_size is None:
+        args.max_size = args.subgraph_size
+    elif args.max_size < 0:
+        p.error("--max-size: must be >= 0 (0: no cap)")
     args.heads = args.heads or (8 if gpu else 4)
     args.head_dim = args.head_dim or (64 if gpu else 32)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")

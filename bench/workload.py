@@ -38,12 +38,15 @@ class Config:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
-def build_layout(num_nodes: int, subgraph_size: int, seed: int = 0) -> tuple[Partition, list[Partition]]:
+def build_layout(num_nodes: int, subgraph_size: int, seed: int = 0,
+                 max_size: int | None = None) -> tuple[Partition, list[Partition]]:
     """METIS partition of a k-NN graph on random points, nodes renumbered so parts are contiguous,
-    and the inter attention's token levels over its parts (empty up to ``INTER_THRESHOLD`` parts)."""
+    and the inter attention's token levels over its parts (empty up to ``INTER_THRESHOLD`` parts).
+    ``max_size``: no subgraph larger (`partition_graph`); None leaves METIS's imbalance."""
     points = np.random.default_rng(seed).random((num_nodes, 2))
     adjacency = knn_adjacency(points, k=min(8, num_nodes - 1))
-    parts, levels, _ = model_partitions(adjacency, [max(1, math.ceil(num_nodes / subgraph_size))], seed=seed)
+    parts, levels, _ = model_partitions(adjacency, [max(1, math.ceil(num_nodes / subgraph_size))],
+                                       max_size=max_size, seed=seed)
     return parts[0], levels[0]
 
 

@@ -385,7 +385,7 @@ def nested_levels(partitions: Sequence[Partition]) -> list[Partition]:
 
 
 def model_partitions(adjacency, parts: Sequence[int], *, threshold: int = INTER_THRESHOLD,
-                     group_size: int = INTER_GROUP_SIZE, seed: int = 0):
+                     group_size: int = INTER_GROUP_SIZE, max_size: int | None = None, seed: int = 0):
     """Everything a multiscale model needs from its graph: one node partition per layer, the
     inter-attention levels of each layer, and the node order.
 
@@ -393,7 +393,8 @@ def model_partitions(adjacency, parts: Sequence[int], *, threshold: int = INTER_
     and all are computed by `multiscale_partitions`, so they nest. Layer ``l`` with more than
     ``threshold`` subgraphs groups its tokens by the next levels of that chain until one has at
     most ``threshold``: every group is then a contiguous run of token ids, and every node level
-    a contiguous run of node ids.
+    a contiguous run of node ids. ``max_size`` caps the finest level's subgraphs, as in
+    `multiscale_partitions` (a cap of the kernel's tile keeps every subgraph in one tile).
 
     Returns:
         ``(partitions, inter_levels, perm)``: ``len(parts)`` node `Partition`s (finest first),
@@ -403,7 +404,7 @@ def model_partitions(adjacency, parts: Sequence[int], *, threshold: int = INTER_
     threshold, group_size = _check_hierarchy_args(threshold, group_size)
     parts = list(parts)
     extra = hierarchy_parts(parts[-1], threshold, group_size) if parts else []
-    chain, perm = multiscale_partitions(adjacency, parts + extra, seed=seed)
+    chain, perm = multiscale_partitions(adjacency, parts + extra, max_size=max_size, seed=seed)
     inter_levels = []
     for layer in range(len(parts)):
         top = layer
