@@ -130,7 +130,11 @@ def _unpad(t: torch.Tensor, lay: _Layout, batch: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- masks
 def _mask_dtype(bias: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """SDPA takes a float mask in float32 or the inputs' dtype; other bias dtypes convert."""
+    """The dtype SDPA takes a float mask in: on CUDA only the inputs' dtype ``dtype`` (its
+    kernels refuse any other; `SdpaBackend.supports` turns away a bias that would round in it),
+    on the CPU float32 or the inputs' dtype, other bias dtypes converting to float32."""
+    if bias.is_cuda:
+        return dtype
     return bias.dtype if bias.dtype in (torch.float32, dtype) else torch.float32
 
 
@@ -380,10 +384,16 @@ class SdpaBackend(Backend):
     inter_attention = staticmethod(inter_attention)
 
     def supports(self, x, bias=None):
-        """Any bias dtype works: SDPA adds a float32 mask to the scores of any input dtype."""
+        """Any bias dtype on the CPU (SDPA adds a float32 mask to the scores of any input dtype);
+        on CUDA SDPA adds the mask in the inputs' dtype, so a bias must convert to it exactly
+        (its own dtype, or any with float32 inputs): the bias is read in its own precision."""
         if x.dtype not in DTYPES:
             return (f"the sdpa backend takes float32, bfloat16 or float16 inputs, not {x.dtype} "
                     "(float64 runs on the torch reference)")
+        exact = bias is None or bias.dtype == x.dtype or (x.dtype == torch.float32 and bias.dtype in DTYPES)
+        if x.is_cuda and not exact:
+            return (f"the sdpa backend on CUDA adds the bias in the inputs' dtype ({x.dtype}), where a "
+                    f"{bias.dtype} bias would be rounded: pass a {x.dtype} bias or use the triton backend")
         return None
 
 

@@ -37,6 +37,25 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _round_to_tf32(x):
+    """fp32 rounded to the nearest TF32 value (10 mantissa bits, ties away from zero): add half
+    of the 13 dropped bits' unit, then clear them."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. Under "tf32", fp32 operands are rounded to TF32 first:
+    the tensor cores truncate them otherwise (Triton issue 4574), which biased every product
+    and broke the 1e-3 TF32 tolerance on an H200 (inter attention, d = 128)."""
+    if PRECISION == "tf32" and a.dtype == tl.float32:
+        a = _round_to_tf32(a)
+        b = _round_to_tf32(b)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _tile_rows(Index, part, start, length, M, BLOCK: tl.constexpr):
     """Slots ``start..start+BLOCK`` of subgraph ``part``: (slots, mask, node ids as int64)."""
     slots = start + tl.arange(0, BLOCK)
@@ -90,7 +109,7 @@ def _bias_tile_offsets(bias_off, slots_m, slots_n, s_bi):
 def _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` scores in log2 units: ``(scale * q.k + bias) * log2(e)``."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     if HAS_BIAS:
         b_ptrs = Bias + _bias_tile_offsets(bias_off, slots_m, slots_n, s_bi)
         s += tl.load(b_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * LOG2E
@@ -114,7 +133,7 @@ def _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, m
     ``ds = p * (dO . v - delta)``, both ``[BLOCK_M, BLOCK_N]``."""
     s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
     p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot(do, tl.trans(v), PRECISION)
     return p, p * (dp - delta[:, None])
 
 
@@ -155,7 +174,7 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     _store_rows(O + b * s_ob + h * s_oh, rows_m, s_on, mask_m, offs_d, acc, HEAD_DIM)
@@ -188,7 +207,7 @@ def _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, b, h, pa
     ``Pooled[b, part, h, :]`` of a contiguous ``[B, P, H, HEAD_DIM]`` buffer)."""
     q = _load_tile(Q, _row_offsets(rows, b, h, s_qb, s_qn, s_qh), mask, offs_d, HEAD_DIM)
     k = _load_tile(K, _row_offsets(rows, b, h, s_kb, s_kn, s_kh), mask, offs_d, HEAD_DIM)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     if HAS_BIAS:
         s += bias.to(tl.float32) * LOG2E
     s = tl.where(mask[None, :], s, float("-inf"))
@@ -196,7 +215,7 @@ def _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, b, h, pa
     p = tl.math.exp2(s - m[:, None])
     l = tl.sum(p, 1)
     v = _load_tile(V, _row_offsets(rows, b, h, s_vb, s_vn, s_vh), mask, offs_d, HEAD_DIM)
-    o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
+    o = _dot(p.to(v.dtype), v, PRECISION) / l[:, None]
     _store_tile(O, _row_offsets(rows, b, h, s_ob, s_on, s_oh), mask, offs_d, o, HEAD_DIM)
     tl.store(LSE + (b * H + h) * N + rows, m + tl.math.log2(l), mask=mask)
     if pool:
@@ -286,7 +305,7 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
         v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
         _, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
                                 qk_scale, HAS_BIAS, PRECISION)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
     _store_rows(DQ + b * s_gb + h * s_gh, rows_m, s_gn, mask_m, offs_d, dq * scale, HEAD_DIM)
 
 
@@ -320,8 +339,8 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
         delta = tl.load(Delta + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
         p, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
                                 qk_scale, HAS_BIAS, PRECISION)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION)
+        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION)
     _store_rows(DK + b * s_gb + h * s_gh, rows_n, s_gn, mask_n, offs_d, dk * scale, HEAD_DIM)
     _store_rows(DV + b * s_gb + h * s_gh, rows_n, s_gn, mask_n, offs_d, dv, HEAD_DIM)
 
@@ -386,20 +405,20 @@ def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h
     k = _load_tile(K, _row_offsets(rows, b, h, s_kb, s_kn, s_kh), mask, offs_d, HEAD_DIM)
     # lse = inf on padding rows makes their p 0, so only padding columns need a mask.
     lse = tl.load(LSE + (b * H + h) * N + rows, mask=mask, other=float("inf"))
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     if HAS_BIAS:
         s += bias.to(tl.float32) * LOG2E
     p = tl.where(mask[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
     grad_rows = _row_offsets(rows, b, h, s_gb, s_gn, s_gh)          # dq, dk and dv share one layout
     do = _load_tile(DO, _row_offsets(rows, b, h, s_db, s_dn, s_dh), mask, offs_d, HEAD_DIM)
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    dv = _dot(tl.trans(p).to(do.dtype), do, PRECISION)
     _store_tile(DV, grad_rows, mask, offs_d, dv, HEAD_DIM)
     v = _load_tile(V, _row_offsets(rows, b, h, s_vb, s_vn, s_vh), mask, offs_d, HEAD_DIM)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dk = _dot(tl.trans(ds).to(q.dtype), q, PRECISION)
     _store_tile(DK, grad_rows, mask, offs_d, dk * scale, HEAD_DIM)
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = _dot(ds.to(k.dtype), k, PRECISION)
     _store_tile(DQ, grad_rows, mask, offs_d, dq * scale, HEAD_DIM)
     return ds
 
