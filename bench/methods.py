@@ -120,7 +120,10 @@ def flex_document(q, k, v, partition: Partition) -> Method:
 
     N = q.shape[1]
     block = 128 if q.is_cuda else 32
-    mask = create_block_mask(same_subgraph, None, None, N, N, device=q.device, BLOCK_SIZE=block)
+    # Eager create_block_mask evaluates the mask at all N x N pairs (out of memory at N = 1e6 on
+    # an H200); compiled, it evaluates block by block. The CPU sweeps stay eager.
+    build_mask = torch.compile(create_block_mask) if q.is_cuda else create_block_mask
+    mask = build_mask(same_subgraph, None, None, N, N, device=q.device, BLOCK_SIZE=block)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: _bhnd(compiled(_bhnd(q), _bhnd(k), _bhnd(v), block_mask=mask))
 
