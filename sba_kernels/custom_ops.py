@@ -14,6 +14,13 @@ A kernel module supplies four launch functions, which `KernelBackend` subclasses
 Each op takes the backend's name as its last argument and calls that backend's launch, so one
 set of ops (shape-only fake versions for torch.compile, autograd) serves every kernel backend.
 Inter attention is intra attention over one subgraph holding all P tokens.
+
+Eager calls skip torch.library's dispatch: `_run` sends plain tensors outside torch.compile
+through `_EagerAttention` / `_EagerSegmentMean`, autograd Functions over the same bodies,
+context setup and backward as the ops. The dispatch cost 0.5 ms of host time per
+forward+backward (measured on a CPU with the launches stubbed), more than the kernels take at
+N = 1e5 on an H200 (`bench/results/gpu-h200/run3/profile.md`). Traced code, fake tensors and
+tensor subclasses still take the ops.
 """
 
 from __future__ import annotations
@@ -33,12 +40,19 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call may skip the custom ops: eager mode and plain tensors only."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) is Tensor for t in tensors)
+
+
 # ----------------------------------------------------------------------------- attention
-@torch.library.custom_op("sba::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor,
-                  bias: Optional[Tensor], scale: float, pool: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor,
+                   bias: Optional[Tensor], scale: float, pool: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(o, lse, z) of subgraph attention, z the subgraph means of o when ``pool`` (else empty)."""
     return backends.get(backend).launches.attention_forward(q, k, v, index, lengths, bias, scale, pool)
+
+
+attention_fwd = torch.library.custom_op("sba::attention_fwd", _attention_fwd, mutates_args=())
 
 
 @attention_fwd.register_fake
@@ -48,12 +62,14 @@ def _(q, k, v, index, lengths, assignment, bias, scale, pool, backend):
     return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32), z
 
 
-@torch.library.custom_op("sba::attention_bwd", mutates_args=())
-def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: Tensor, lengths: Tensor,
-                  bias: Optional[Tensor], scale: float, need_dbias: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: Tensor, lengths: Tensor,
+                   bias: Optional[Tensor], scale: float, need_dbias: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias) from o's gradient ``do``; dbias empty unless ``need_dbias``."""
     return backends.get(backend).launches.attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+
+
+attention_bwd = torch.library.custom_op("sba::attention_bwd", _attention_bwd, mutates_args=())
 
 
 @attention_bwd.register_fake
@@ -69,24 +85,42 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, do, _dlse, dz):
     q, k, v, o, lse, index, lengths, assignment, bias = ctx.saved_tensors
+    eager = _eager(do, q)
     if ctx.pool:   # z = segment mean of o, so o's whole gradient is do + dz[part(i)] / n_part(i)
         B, N, H, d = q.shape
-        dz_rows = segment_mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths, ctx.backend)
+        mean_bwd = _segment_mean_bwd if eager else segment_mean_bwd
+        dz_rows = mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths, ctx.backend)
         do = do + dz_rows.view(B, N, H, d)
     need_dbias = bias is not None and ctx.needs_input_grad[6]
-    dq, dk, dv, dbias = attention_bwd(_rows(do), q, k, v, o, lse, index, lengths, bias, ctx.scale, need_dbias,
-                                      ctx.backend)
+    dq, dk, dv, dbias = (_attention_bwd if eager else attention_bwd)(
+        _rows(do), q, k, v, o, lse, index, lengths, bias, ctx.scale, need_dbias, ctx.backend)
     return dq, dk, dv, None, None, None, dbias if need_dbias else None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """``sba::attention_fwd`` and its autograd without torch.library's dispatch (eager mode).
+    Context set up inside ``forward``: a separate ``setup_context`` makes ``apply`` bind the
+    arguments to forward's signature through `inspect` on every call."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _attention_fwd(*inputs)
+        _attention_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_attention_backward)
+
+
 # ----------------------------------------------------------------------------- segment mean
-@torch.library.custom_op("sba::segment_mean_fwd", mutates_args=())
-def segment_mean_fwd(x: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor, backend: str) -> Tensor:
+def _segment_mean_fwd(x: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor, backend: str) -> Tensor:
     """``[B, N, C] -> [B, P, C]`` subgraph means."""
     return backends.get(backend).launches.segment_mean_forward(x, index, lengths)
+
+
+segment_mean_fwd = torch.library.custom_op("sba::segment_mean_fwd", _segment_mean_fwd, mutates_args=())
 
 
 @segment_mean_fwd.register_fake
@@ -94,10 +128,12 @@ def _(x, index, lengths, assignment, backend):
     return x.new_empty((x.shape[0], index.shape[0], x.shape[2]))
 
 
-@torch.library.custom_op("sba::segment_mean_bwd", mutates_args=())
-def segment_mean_bwd(dz: Tensor, assignment: Tensor, lengths: Tensor, backend: str) -> Tensor:
+def _segment_mean_bwd(dz: Tensor, assignment: Tensor, lengths: Tensor, backend: str) -> Tensor:
     """``dx[b, i] = dz[b, part(i)] / n_part(i)``."""
     return backends.get(backend).launches.segment_mean_backward(dz, assignment, lengths)
+
+
+segment_mean_bwd = torch.library.custom_op("sba::segment_mean_bwd", _segment_mean_bwd, mutates_args=())
 
 
 @segment_mean_bwd.register_fake
@@ -113,10 +149,23 @@ def _mean_setup(ctx, inputs, output):
 
 def _mean_backward(ctx, dz):
     assignment, lengths = ctx.saved_tensors
-    return segment_mean_bwd(_rows(dz), assignment, lengths, ctx.backend), None, None, None, None
+    mean_bwd = _segment_mean_bwd if _eager(dz) else segment_mean_bwd
+    return mean_bwd(_rows(dz), assignment, lengths, ctx.backend), None, None, None, None
 
 
 segment_mean_fwd.register_autograd(_mean_backward, setup_context=_mean_setup)
+
+
+class _EagerSegmentMean(torch.autograd.Function):
+    """``sba::segment_mean_fwd`` and its autograd without torch.library's dispatch (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _segment_mean_fwd(*inputs)
+        _mean_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_mean_backward)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -142,8 +191,9 @@ class KernelBackend(Backend):
         return self.unavailable(x.device)
 
     def _attention(self, q, k, v, index, lengths, assignment, bias, scale, pool: bool):
-        return attention_fwd(_rows(q), _rows(k), _rows(v), index, lengths, assignment,
-                             None if bias is None else bias.contiguous(), scale, pool, self.name)
+        run = _EagerAttention.apply if _eager(q, k, v, bias) else attention_fwd
+        return run(_rows(q), _rows(k), _rows(v), index, lengths, assignment,
+                   None if bias is None else bias.contiguous(), scale, pool, self.name)
 
     def intra_attention(self, q, k, v, partition, bias, scale):
         return self._attention(q, k, v, partition.index, partition.lengths, partition.assignment, bias, scale,
@@ -166,4 +216,5 @@ class KernelBackend(Backend):
         return self._attention(q, k, v, index, lengths, assignment, bias, scale, pool=False)[0]
 
     def segment_mean(self, x, partition):
-        return segment_mean_fwd(_rows(x), partition.index, partition.lengths, partition.assignment, self.name)
+        run = _EagerSegmentMean.apply if _eager(x) else segment_mean_fwd
+        return run(_rows(x), partition.index, partition.lengths, partition.assignment, self.name)
