@@ -170,3 +170,24 @@ def test_tile_report_writes_the_table(tmp_path):
             assert forward.startswith(f"one-tile forward: 1 x {tile} rows: 100.0 /")
         else:
             assert forward.startswith(f"tiled forward: {-(-plain_largest // 64)} x 64 rows")
+
+
+def test_flex_document_block_mask_from_block_ranges():
+    """The benchmark's FlexAttention mask, built from block ranges in O(N / block), covers the
+    same blocks as `create_block_mask` evaluating every pair, and a partition whose subgraphs
+    are not contiguous falls back to the latter (None here)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from methods import _document_block_mask
+    from sba_kernels import Partition
+
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 70, (40,), generator=g)
+    doc = torch.repeat_interleave(torch.arange(40), sizes)
+    n = doc.numel()
+    for block in (16, 128):
+        ours = _document_block_mask(Partition.from_assignment(doc), n, block)
+        ref = create_block_mask(lambda b, h, q, k: doc[q] == doc[k], None, None, n, n, device="cpu", BLOCK_SIZE=block)
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+    assert _document_block_mask(Partition.from_assignment(torch.tensor([0, 1, 0, 2])), 4, 16) is None
