@@ -45,6 +45,22 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
     return not torch.compiler.is_compiling() and all(t is None or type(t) is Tensor for t in tensors)
 
 
+def _eager_function(name: str, body, setup_context, backward) -> type:
+    """An autograd Function running a custom op's ``body`` with the op's own context setup and
+    backward, without torch.library's dispatch. The setup runs inside ``forward``: a separate
+    ``setup_context`` makes ``apply`` bind the arguments to forward's signature through
+    `inspect` on every call."""
+
+    def forward(ctx, *inputs):
+        output = body(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+        "__doc__": f"``{body.__name__}`` and its autograd, for eager calls (see the module doc)."})
+
+
 # ----------------------------------------------------------------------------- attention
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor,
                    bias: Optional[Tensor], scale: float, pool: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,18 +116,7 @@ def _attention_backward(ctx, do, _dlse, dz):
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-class _EagerAttention(torch.autograd.Function):
-    """``sba::attention_fwd`` and its autograd without torch.library's dispatch (eager mode).
-    Context set up inside ``forward``: a separate ``setup_context`` makes ``apply`` bind the
-    arguments to forward's signature through `inspect` on every call."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _attention_fwd(*inputs)
-        _attention_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_attention_backward)
+_EagerAttention = _eager_function("_EagerAttention", _attention_fwd, _attention_setup, _attention_backward)
 
 
 # ----------------------------------------------------------------------------- segment mean
@@ -156,16 +161,7 @@ def _mean_backward(ctx, dz):
 segment_mean_fwd.register_autograd(_mean_backward, setup_context=_mean_setup)
 
 
-class _EagerSegmentMean(torch.autograd.Function):
-    """``sba::segment_mean_fwd`` and its autograd without torch.library's dispatch (eager mode)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _segment_mean_fwd(*inputs)
-        _mean_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_mean_backward)
+_EagerSegmentMean = _eager_function("_EagerSegmentMean", _segment_mean_fwd, _mean_setup, _mean_backward)
 
 
 # ----------------------------------------------------------------------------- the backend
