@@ -280,11 +280,12 @@ def _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias
     # Padding entries never reach the scores: their gradient is 0, and no tile covers them.
     dbias = torch.zeros_like(bias)
     shared = bias.dim() == 3
-    # Its loop reloads q, k, v, dO per (batch, head): one stage. In fp32 without TF32, 3xTF32 dots
-    # spill here at every warp count while IEEE (FMA) dots with 4 warps do not (compile report).
+    # Its loop reloads q, k, v, dO per (batch, head): one stage. In fp32, 3xTF32 dots spill here at
+    # every warp count, and so do rounded TF32 dots at head dim 128, while IEEE (FMA) dots with
+    # 4 warps do not (compile report): fp32 bias gradients take IEEE dots whatever the mode.
     dbias_meta = meta | blk.options(num_stages=1)
     if q.dtype == torch.float32:
-        dbias_meta |= dict(num_warps=4, PRECISION="ieee" if meta["PRECISION"] == "tf32x3" else meta["PRECISION"])
+        dbias_meta |= dict(num_warps=4, PRECISION="ieee")
     _launch(kern.attention_bwd_dbias, (P * q_tiles * k_tiles, 1 if shared else H),
         q, k, v, do, lse, delta, dbias, bias, index, lengths, q_tiles, k_tiles, *common,
         *_bias_strides(bias), B, H, N, M, H if shared else 1, scale * LOG2E, **dbias_meta,
