@@ -15,9 +15,9 @@ Each op takes the backend's name as its last argument and calls that backend's l
 set of ops (shape-only fake versions for torch.compile, autograd) serves every kernel backend.
 Inter attention is intra attention over one subgraph holding all P tokens.
 
-Eager calls skip torch.library's dispatch: `_run` sends plain tensors outside torch.compile
-through `_EagerAttention` / `_EagerSegmentMean`, autograd Functions over the same bodies,
-context setup and backward as the ops. The dispatch cost 0.5 ms of host time per
+Eager calls skip torch.library's dispatch: `KernelBackend` sends plain tensors outside
+torch.compile (`_eager`) through `_EagerAttention` / `_EagerSegmentMean`, autograd Functions
+over the same bodies, context setup and backward as the ops. The dispatch cost 0.5 ms of host time per
 forward+backward (measured on a CPU with the launches stubbed), more than the kernels take at
 N = 1e5 on an H200 (`bench/results/gpu-h200/run3/profile.md`). Traced code, fake tensors and
 tensor subclasses still take the ops.
