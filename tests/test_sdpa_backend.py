@@ -160,3 +160,18 @@ def test_packed_qkv_gathered_once(g):
         a, b = pooled(*ins, part, backend="sdpa"), pooled(*copies, part, backend="sdpa")
         assert all(torch.equal(x, y) for x, y in zip(a if pooled is sk.intra_attention_pooled else [a],
                                                      b if pooled is sk.intra_attention_pooled else [b]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's CUDA kernels decide this; the CPU takes any mask dtype")
+def test_on_cuda_a_bias_that_would_round_in_the_inputs_dtype_is_refused():
+    """SDPA's CUDA kernels add a mask only in the inputs' dtype: an fp32 bias with bf16 inputs
+    would be rounded, so the sdpa backend refuses it by name; an fp16 bias with fp32 inputs is
+    exact in fp32 and runs."""
+    part = sk.Partition.from_assignment(torch.tensor([0, 0, 1, 1, 1])).to("cuda")
+    q = torch.randn(1, 5, 2, 16, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(part.num_parts, part.max_size, part.max_size, device="cuda")
+    with pytest.raises(ValueError, match="sdpa backend on CUDA adds the bias in the inputs' dtype"):
+        sk.intra_attention(q, q, q, part, bias=bias, backend="sdpa")
+    out = sk.intra_attention(q.float(), q.float(), q.float(), part, bias=bias.half(), backend="sdpa")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
