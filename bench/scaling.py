@@ -12,7 +12,8 @@ is recorded as such there and not tried at larger N; nothing stops the sweep. Wr
 every point, fitted slopes; on a CPU also each point's process CPU time, ``*_cpu_ms``, which
 other users' load does not stretch) and log-log ``memory.png`` / ``time.png`` with the slope
 of each method in the legend. Above ``INTER_THRESHOLD`` subgraphs the SBA layer's inter
-attention is hierarchical; each row records its number of levels (``inter_levels``).
+attention is hierarchical; each row records its number of levels (``inter_levels``) and the
+``layout`` (``--layout runs`` skips the graph and METIS for N = 1e7: see `workload.build_runs_layout`).
 ``--large`` is the sweep that checks the layer stays linear past that point: ``sba_layer``
 and its intra / inter split, forward only, N = 2^16 .. 2^20 (10 minutes on the shared 2-core
 machine), written to ``scaling-<device>-large``. On a GPU, the ``intra[...]`` rows also carry
@@ -42,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 import methods  # noqa: E402
-from workload import Config, build_layout, make_inputs  # noqa: E402
+from workload import Config, build_layout, build_runs_layout, make_inputs  # noqa: E402
 
 from sba_kernels import Partition  # noqa: E402
 
@@ -184,7 +185,10 @@ def sweep(args, cfg: Config, on_point=lambda rows: None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp, _Progress(len(args.n) * len(names)) as bar:
         for n in args.n:
             bar.set_description(f"N={n}: partitioning")
-            partition, levels = build_layout(n, args.subgraph_size, seed=cfg.seed, max_size=args.max_size or None)
+            if args.layout == "runs":
+                partition, levels = build_runs_layout(n, args.subgraph_size)
+            else:
+                partition, levels = build_layout(n, args.subgraph_size, seed=cfg.seed, max_size=args.max_size or None)
             part_file = os.path.join(tmp, f"partition_{n}.pt")
             torch.save({"index": partition.index, "lengths": partition.lengths,
                         "levels": [(lv.index, lv.lengths) for lv in levels]}, part_file)
@@ -196,7 +200,8 @@ def sweep(args, cfg: Config, on_point=lambda rows: None) -> list[dict]:
                     row = run_point(name, n, cfg, partition.to("cuda"), args.budget, [lv.to("cuda") for lv in levels])
                 else:
                     row = run_point_in_child(name, n, cfg, part_file, args)
-                row.update(num_parts=partition.num_parts, max_size=partition.max_size, inter_levels=len(levels))
+                row.update(num_parts=partition.num_parts, max_size=partition.max_size, inter_levels=len(levels),
+                           layout=args.layout)
                 if row["status"] == "ok" and max(row.get("fwd_ms", 0), row.get("fwdbwd_ms", 0)) > 1e3 * args.max_call_s:
                     stopped[name] = f"a call took over {args.max_call_s} s at N={n}"
                 elif row["status"] != "ok" and not row["status"].startswith("skipped"):
@@ -357,6 +362,9 @@ def parse_args(argv=None):
     p.add_argument("--max-size", type=int, default=None,
                    help="no subgraph larger than this (default: --subgraph-size, so each fits one kernel tile; "
                         "0: METIS's own imbalance, about half the parts one or two over)")
+    p.add_argument("--layout", choices=["metis", "runs"], default="metis",
+                   help="metis: a k-NN graph cut by METIS (default); runs: consecutive runs of --subgraph-size "
+                        "nodes, no graph (seconds at N = 1e7, where METIS takes many minutes)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on GPU")
     p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
                    help="also time forward+backward (default: yes, but not with --large)")

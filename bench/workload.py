@@ -18,6 +18,7 @@ import torch
 
 from sba_kernels import Partition
 from sba_model import knn_adjacency, model_partitions
+from sba_model.graph.partitioning import INTER_GROUP_SIZE, INTER_THRESHOLD, nested_levels
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,35 @@ def build_layout(num_nodes: int, subgraph_size: int, seed: int = 0,
     parts, levels, _ = model_partitions(adjacency, [max(1, math.ceil(num_nodes / subgraph_size))],
                                        max_size=max_size, seed=seed)
     return parts[0], levels[0]
+
+
+def build_runs_layout(num_nodes: int, subgraph_size: int) -> tuple[Partition, list[Partition]]:
+    """The layout without a graph: consecutive runs of ``subgraph_size`` nodes (the last one
+    shorter), and inter levels that group consecutive runs of ``INTER_GROUP_SIZE`` tokens.
+
+    It is what ordering sensors along a space-filling curve and cutting every ``subgraph_size``
+    gives, and the kernels see the same shapes as under METIS with a size cap, but it takes
+    seconds at N = 1e7, where the k-NN graph and METIS take many minutes."""
+    if num_nodes < 1 or subgraph_size < 1:
+        raise ValueError(f"num_nodes and subgraph_size must be >= 1, got {num_nodes} and {subgraph_size}")
+    chain, size = [], subgraph_size
+    while True:
+        chain.append(_consecutive_runs(num_nodes, size))
+        if chain[-1].num_parts <= INTER_THRESHOLD:
+            break
+        size *= INTER_GROUP_SIZE
+    return chain[0], nested_levels(chain) if len(chain) > 1 else []
+
+
+def _consecutive_runs(num_nodes: int, size: int) -> Partition:
+    """Nodes ``0..N-1`` cut into runs of ``size``: row ``p`` of the index holds ``p*size ..``,
+    padded with -1 after the last node."""
+    num_parts = -(-num_nodes // size)
+    index = torch.full((num_parts * size,), -1, dtype=torch.int32)
+    index[:num_nodes] = torch.arange(num_nodes, dtype=torch.int32)
+    lengths = torch.full((num_parts,), size, dtype=torch.int32)
+    lengths[-1] = num_nodes - (num_parts - 1) * size
+    return Partition(index.view(num_parts, size), lengths, num_nodes)
 
 
 def build_partition(num_nodes: int, subgraph_size: int, seed: int = 0) -> Partition:

@@ -191,3 +191,23 @@ def test_flex_document_block_mask_from_block_ranges():
         ref = create_block_mask(lambda b, h, q, k: doc[q] == doc[k], None, None, n, n, device="cpu", BLOCK_SIZE=block)
         assert torch.equal(ours.to_dense(), ref.to_dense())
     assert _document_block_mask(Partition.from_assignment(torch.tensor([0, 1, 0, 2])), 4, 16) is None
+
+
+@pytest.mark.parametrize("n,size", [(1000, 64), (64, 64), (300_000, 64), (250_000, 100)])
+def test_runs_layout_is_consecutive_runs_with_nested_levels(n, size):
+    """`--layout runs`: node p*size + j is row j of subgraph p, every subgraph but the last is
+    full, and above the inter threshold each token level groups 64 consecutive tokens."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from workload import build_runs_layout
+
+    partition, levels = build_runs_layout(n, size)
+    parts = -(-n // size)
+    assert partition.num_parts == parts and partition.num_nodes == n
+    assert partition.lengths[:-1].eq(size).all() and int(partition.lengths[-1]) == n - (parts - 1) * size
+    assert torch.equal(partition.assignment, torch.arange(n) // size)
+    tokens = parts
+    for level in levels:
+        assert torch.equal(level.assignment, torch.arange(tokens) // 64)
+        tokens = level.num_parts
+    assert tokens <= 2048 and (len(levels) > 0) == (parts > 2048)
