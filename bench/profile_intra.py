@@ -5,12 +5,17 @@ time (torch.profiler) next to the host time the call takes to issue them.
 
 When the host time per call exceeds the device time, the op is bound by launches and Python,
 not by memory: the ``fwd+bwd`` times `scaling.py` reports at small N then measure the host.
+``--host-profile`` adds where that host time goes: the Python functions with the most own
+time over the same steps (cProfile; it slows the host, so read shares, not absolute times).
 Same workload as `scaling.py` (k-NN graph, METIS, subgraphs capped at --subgraph-size).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -24,7 +29,21 @@ from workload import Config, build_layout, make_inputs  # noqa: E402
 import sba_kernels as sk  # noqa: E402
 
 
-def profile_point(n: int, cfg: Config, backend: str, iters: int) -> str:
+def host_profile(step, iters: int, top: int = 15) -> list[str]:
+    """Markdown lines: the ``top`` functions by own time over ``iters`` calls of ``step``."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return ["", f"Host functions by own time over {iters} calls (cProfile):", "", "```",
+            *text.getvalue().strip().splitlines()[-top - 1:], "```"]
+
+
+def profile_point(n: int, cfg: Config, backend: str, iters: int, python_profile: bool = False) -> str:
     partition = build_layout(n, cfg.subgraph_size, seed=cfg.seed, max_size=cfg.subgraph_size)[0].to("cuda")
     q, k, v = make_inputs(n, cfg, requires_grad=True)
     grad = torch.randn_like(q)
@@ -56,6 +75,8 @@ def profile_point(n: int, cfg: Config, backend: str, iters: int) -> str:
              "| --- | ---: | ---: |"]
     for e in rows[:12]:
         lines.append(f"| `{e.key[:70]}` | {e.count / iters:g} | {e.self_device_time_total / 1e3 / iters:.4f} |")
+    if python_profile:
+        lines += host_profile(step, iters)
     return "\n".join(lines) + "\n"
 
 
@@ -65,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="triton")
     p.add_argument("--subgraph-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--host-profile", action="store_true", help="also profile the host code (cProfile)")
     p.add_argument("--out", type=Path, default=None, help="also write the tables here (markdown)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -73,7 +95,7 @@ def main(argv=None) -> int:
                  backward=True)
     head = (f"# intra_attention[{args.backend}] forward+backward, bf16, B = 1, H = 8, d = 64\n\n"
             f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n")
-    text = head + "\n".join(profile_point(n, cfg, args.backend, args.iters) for n in args.n)
+    text = head + "\n".join(profile_point(n, cfg, args.backend, args.iters, args.host_profile) for n in args.n)
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -157,6 +157,17 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
 # (1024: about 8 per SM of an H100; a guess, not yet timed).
 BIAS_LOOP_MIN_PARTS = 1024
 
+# Launch options of the one-tile kernels' loops over the pairs that share a bias tile, from the
+# compile report (`bench/results/static/`; compiler facts). The forward's loop: at maxnreg=255
+# ptxas takes 193 registers at 64 rows with a shared bias (two programs of 128 threads per SM);
+# capped at 168 every configuration fits three per SM on sm_80 and sm_90 without a spill. The
+# backward's loop keeps a [BLOCK, BLOCK] fp32 bias-gradient accumulator live: at 64 rows it
+# spills with 4 warps (255 registers) and fits with 8 (238-244 registers, one program per SM);
+# capping it at 168 spills 200-330 bytes at 4 or 8 warps. `bench/bias_options.py` times these
+# choices against each other on a GPU.
+BIAS_LOOP_FORWARD_OPTIONS = {"maxnreg": 168}
+BIAS_GRAD_OPTIONS_64_ROWS = {"num_warps": 8}
+
 
 def uses_bias_loop(num_parts: int, has_bias: bool) -> bool:
     """Whether the one-tile forward runs one program per bias tile (`BIAS_LOOP_MIN_PARTS`)."""
@@ -178,7 +189,8 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
         *_bias_strides(bias), B, H, N, M, P, int(pool), 0, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_LOOP=bias_loop,
-        SHARED_BIAS=shared, PRECISION=_precision(q.dtype), **blk.options(),
+        SHARED_BIAS=shared, PRECISION=_precision(q.dtype),
+        **blk.options(**BIAS_LOOP_FORWARD_OPTIONS) if bias_loop else blk.options(),
     )
     return o, lse, pooled.to(q.dtype) if pool else q.new_empty(0)
 
@@ -242,9 +254,7 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
         *_bias_strides(bias), B, H, N, M, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
         SHARED_BIAS=shared, PRECISION=_precision(q.dtype),
-        # Summing the bias gradient keeps a [BLOCK, BLOCK] fp32 accumulator live through the
-        # loop: at 64 rows that spills with 4 warps on sm_90 and fits with 8 (compile report).
-        **blk.options(num_warps=8 if need_dbias and blk.m >= 64 else blk.num_warps),
+        **blk.options(**BIAS_GRAD_OPTIONS_64_ROWS) if need_dbias and blk.m >= 64 else blk.options(),
     )
     return dq, dk, dv, dbias if need_dbias else q.new_empty(0)
 

@@ -77,6 +77,24 @@ def test_the_configurations_cover_what_the_issue_asks(triton_reports):
 
 
 @COMPILE_ALL
+def test_one_tile_kernels_fit_three_programs_per_sm_at_head_dim_64(triton_reports):
+    """Issue 13's register target on sm_90 (fp16 and bf16, d = 64, 64-row tiles): the one-tile
+    forward, with or without a bias and with or without the loop over a bias tile, and the fused
+    backward without a bias gradient take at most 168 registers, three programs of 128 threads
+    per SM. (The backward that sums a bias gradient does not: `triton_backend.BIAS_GRAD_OPTIONS_64_ROWS`.)"""
+    rows = [r for r in triton_reports if r.arch == 90 and "HEAD_DIM=64," in r.config and "BLOCK=64," in r.config
+            and (r.kernel == "attention_fwd_one_tile" or
+                 (r.kernel == "attention_bwd_one_tile" and "BIAS_GRAD=False" in r.config))]
+    kinds = {(r.kernel, "HAS_BIAS=True" in r.config, "BIAS_LOOP=True" in r.config, "SHARED_BIAS=True" in r.config)
+             for r in rows}
+    # forward: no bias, and (per pair, bias loop) x (shared, per head); backward: no bias, shared, per head
+    assert len(kinds) == 8, kinds
+    over = [f"{r.config}: {r.registers} registers, {r.threads} threads" for r in rows
+            if not (r.registers <= 168 and r.threads == 128 and r.programs_per_sm >= 3)]
+    assert not over, "\n".join(over)
+
+
+@COMPILE_ALL
 def test_biased_bf16_head_dim_64_kernels_compile_for_sm90_and_sm80(triton_reports):
     """The case that failed on a GPU before: any kernel reading the bias, bf16, d = 64."""
     biased = [r for r in triton_reports if "HEAD_DIM=64," in r.config and

@@ -1,0 +1,113 @@
+"""Time the triton backend's one-tile launch choices with a graph bias, against each other on
+the same inputs, on a GPU.
+
+    python bench/bias_options.py --n 100000 1000000 --out bench/results/bias_options.md
+
+Two choices were made from compiles alone (`triton_backend.BIAS_LOOP_MIN_PARTS` and the
+options beside it; registers are compiler facts, not timings):
+
+* the forward: one program per (subgraph, batch, head), or one per bias tile looping over the
+  pairs that read it (reads the bias once), and that loop's register cap;
+* the backward that sums the bias gradient: its warps and register cap (8 warps at 238-244
+  registers, one program per SM, against 4 warps or a cap of 168 that spill).
+
+Workload as `scaling.py`: bf16, B = 1, H = 8, d = 64, METIS subgraphs of at most 64 on a k-NN
+graph, and a bias ``[P, M, M]`` (shared by heads) or ``[H, P, M, M]`` (per head) drawn from
+N(0, 1), requiring grad as `SBAttention`'s graph bias does. Times are medians of
+`triton.testing.do_bench` (L2 flushed between calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import Config, build_layout, make_inputs  # noqa: E402
+
+import sba_kernels as sk  # noqa: E402
+from sba_kernels import triton_backend  # noqa: E402
+
+# name -> (BIAS_LOOP_MIN_PARTS, BIAS_LOOP_FORWARD_OPTIONS)
+FORWARD_CHOICES = {
+    "one program per pair": (2**62, {}),
+    "bias loop, maxnreg 255": (1, {"maxnreg": 255}),
+    "bias loop, maxnreg 168": (1, {"maxnreg": 168}),
+}
+# name -> BIAS_GRAD_OPTIONS_64_ROWS
+BACKWARD_CHOICES = {
+    "8 warps, maxnreg 255": {"num_warps": 8},
+    "8 warps, maxnreg 128": {"num_warps": 8, "maxnreg": 128},
+    "4 warps, maxnreg 255": {"num_warps": 4},
+    "4 warps, maxnreg 168": {"num_warps": 4, "maxnreg": 168},
+}
+
+
+def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:
+    """Markdown rows ``| N | bias | pass | choice | ms | x fastest |`` for one N and bias kind."""
+    from triton.testing import do_bench
+
+    partition = build_layout(n, cfg.subgraph_size, seed=cfg.seed, max_size=cfg.subgraph_size)[0].to("cuda")
+    q, k, v = make_inputs(n, cfg, requires_grad=True)
+    P, M = partition.index.shape
+    shape = (P, M, M) if bias_kind == "shared" else (cfg.heads, P, M, M)
+    bias = torch.randn(shape, device="cuda", dtype=cfg.torch_dtype, requires_grad=True)
+    grad = torch.randn_like(q)
+
+    def forward():
+        with torch.no_grad():
+            sk.intra_attention(q, k, v, partition, bias=bias, backend="triton")
+
+    def forward_backward():
+        for t in (q, k, v, bias):
+            t.grad = None
+        sk.intra_attention(q, k, v, partition, bias=bias, backend="triton").backward(grad)
+
+    saved = (triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS,
+             triton_backend.BIAS_GRAD_OPTIONS_64_ROWS)
+    times: list[tuple[str, str, float]] = []
+    try:
+        for name, (min_parts, options) in FORWARD_CHOICES.items():
+            triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS = min_parts, options
+            times.append(("forward", name, do_bench(forward)))
+        triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS = saved[:2]
+        for name, options in BACKWARD_CHOICES.items():
+            triton_backend.BIAS_GRAD_OPTIONS_64_ROWS = options
+            times.append(("forward+backward", name, do_bench(forward_backward)))
+    finally:
+        (triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS,
+         triton_backend.BIAS_GRAD_OPTIONS_64_ROWS) = saved
+    rows = []
+    for what in ("forward", "forward+backward"):
+        best = min(ms for w, _, ms in times if w == what)
+        rows += [f"| {n:,} | {bias_kind} | {w} | {name} | {ms:.3f} | {ms / best:.2f} |"
+                 for w, name, ms in times if w == what]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--bias", nargs="+", choices=["shared", "per_head"], default=["shared", "per_head"])
+    p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    cfg = Config(batch=1, heads=8, head_dim=64, subgraph_size=64, dtype="bf16", device="cuda", backward=True)
+    lines = [f"# One-tile launch choices with a graph bias: {torch.cuda.get_device_name()}, torch {torch.__version__}",
+             "", "bf16, B = 1, H = 8, d = 64, METIS subgraphs of at most 64; median ms (`do_bench`).", "",
+             "| N | bias | pass | choice | ms | x fastest |", "| ---: | --- | --- | --- | ---: | ---: |"]
+    for n in args.n:
+        for kind in args.bias:
+            lines += time_choices(n, kind, cfg)
+            print("\n".join(lines[-len(FORWARD_CHOICES) - len(BACKWARD_CHOICES):]), flush=True)
+            if args.out:                                  # rewritten after every point: a killed run keeps them
+                args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
