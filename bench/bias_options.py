@@ -3,8 +3,8 @@ the same inputs, on a GPU.
 
     python bench/bias_options.py --n 100000 1000000 --out bench/results/bias_options.md
 
-Two choices were made from compiles alone (`triton_backend.BIAS_LOOP_MIN_PARTS` and the
-options beside it; registers are compiler facts, not timings):
+The choices (`triton_backend.uses_bias_loop` and the options beside it) were first made from
+compiles alone, whose register counts are compiler facts, not timings; this is what decided them:
 
 * the forward: one program per (subgraph, batch, head), or one per bias tile looping over the
   pairs that read it (reads the bias once), and that loop's register cap;
@@ -31,11 +31,11 @@ from workload import Config, build_layout, make_inputs  # noqa: E402
 import sba_kernels as sk  # noqa: E402
 from sba_kernels import triton_backend  # noqa: E402
 
-# name -> (BIAS_LOOP_MIN_PARTS, BIAS_LOOP_FORWARD_OPTIONS)
+# name -> (whether the bias loop runs, BIAS_LOOP_FORWARD_OPTIONS)
 FORWARD_CHOICES = {
-    "one program per pair": (2**62, {}),
-    "bias loop, maxnreg 255": (1, {"maxnreg": 255}),
-    "bias loop, maxnreg 168": (1, {"maxnreg": 168}),
+    "one program per pair": (False, {}),
+    "bias loop, maxnreg 255": (True, {"maxnreg": 255}),
+    "bias loop, maxnreg 168": (True, {"maxnreg": 168}),
 }
 # name -> BIAS_GRAD_OPTIONS_64_ROWS
 BACKWARD_CHOICES = {
@@ -66,20 +66,20 @@ def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:
             t.grad = None
         sk.intra_attention(q, k, v, partition, bias=bias, backend="triton").backward(grad)
 
-    saved = (triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS,
-             triton_backend.BIAS_GRAD_OPTIONS_64_ROWS)
+    saved = triton_backend.BIAS_LOOP_FORWARD_OPTIONS, triton_backend.BIAS_GRAD_OPTIONS_64_ROWS
     times: list[tuple[str, str, float]] = []
     try:
-        for name, (min_parts, options) in FORWARD_CHOICES.items():
-            triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS = min_parts, options
-            times.append(("forward", name, do_bench(forward)))
-        triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS = saved[:2]
+        for name, (loop, options) in FORWARD_CHOICES.items():
+            triton_backend.BIAS_LOOP_FORWARD_OPTIONS = options
+            never = 2**62
+            with triton_backend.bias_loop_thresholds(min_parts=1 if loop else never, min_pairs=1 if loop else never):
+                times.append(("forward", name, do_bench(forward)))
+        triton_backend.BIAS_LOOP_FORWARD_OPTIONS = saved[0]
         for name, options in BACKWARD_CHOICES.items():
             triton_backend.BIAS_GRAD_OPTIONS_64_ROWS = options
             times.append(("forward+backward", name, do_bench(forward_backward)))
     finally:
-        (triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_FORWARD_OPTIONS,
-         triton_backend.BIAS_GRAD_OPTIONS_64_ROWS) = saved
+        triton_backend.BIAS_LOOP_FORWARD_OPTIONS, triton_backend.BIAS_GRAD_OPTIONS_64_ROWS = saved
     rows = []
     for what in ("forward", "forward+backward"):
         best = min(ms for w, _, ms in times if w == what)

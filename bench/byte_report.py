@@ -26,7 +26,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")     # before triton is imported: kernels run on CPU tensors
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import csv  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -145,17 +144,12 @@ def extrapolate(histogram: dict[int, int], problem: Problem, *, pool: bool, need
     return by_kernel(forward), by_kernel(back)
 
 
-@contextlib.contextmanager
 def _bias_loop_as_for(num_parts: int):
     """The one-tile forward's choice between one program per (batch, head) and one per bias
-    tile depends on the number of subgraphs (`triton_backend.BIAS_LOOP_MIN_PARTS`): a
-    one-subgraph problem makes the choice ``num_parts`` subgraphs make."""
-    saved = triton_backend.BIAS_LOOP_MIN_PARTS
-    triton_backend.BIAS_LOOP_MIN_PARTS = 1 if triton_backend.uses_bias_loop(num_parts, True) else sys.maxsize
-    try:
-        yield
-    finally:
-        triton_backend.BIAS_LOOP_MIN_PARTS = saved
+    tile depends on the number of subgraphs (`triton_backend.uses_bias_loop`): a one-subgraph
+    problem makes the choice ``num_parts`` subgraphs make (the pairs per tile are the same)."""
+    enough = num_parts >= triton_backend.BIAS_LOOP_MIN_PARTS
+    return triton_backend.bias_loop_thresholds(min_parts=1 if enough else sys.maxsize)
 
 
 def full_partition(histogram: dict[int, int], contiguous: bool) -> Partition:

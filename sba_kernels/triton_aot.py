@@ -138,16 +138,12 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
     bias = None
     if bias_kind is not None:
         bias = torch.zeros(((H,) if bias_kind == "per_head" else ()) + (1, m, m), dtype=dtype)
-    saved_min_parts = tb.BIAS_LOOP_MIN_PARTS
-    try:
-        # One subgraph here: with the threshold at 1 and at its value, both forms of the
-        # one-tile forward (one program per pair, one per bias tile) are recorded.
-        for min_parts in (1, saved_min_parts):
-            tb.BIAS_LOOP_MIN_PARTS = min_parts
+    # One subgraph here: with the bias loop's thresholds at 1 and at their values, both forms
+    # of the one-tile forward (one program per pair, one per bias tile) are recorded.
+    for forced in (True, False):
+        with tb.bias_loop_thresholds(min_parts=1, min_pairs=1) if forced else contextlib.nullcontext():
             o, lse, _ = tb.attention_forward(q, k, v, index, lengths, bias, 0.125, False)
             tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
-    finally:
-        tb.BIAS_LOOP_MIN_PARTS = saved_min_parts
     for need_dbias in ((False, True) if bias is not None else (False,)):     # a bias can be frozen
         tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=need_dbias)
 

@@ -13,6 +13,7 @@ independently of the forward (lse is saved per row, not per tile).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -152,30 +153,49 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
     return _forward_tiled(q, k, v, index, lengths, bias, scale, pool)
 
 
-# A bias loop (one program per bias tile, looping over the heads and batch that read it) reads
-# the bias once but runs fewer programs: worth it once there are enough subgraphs to fill a GPU
-# (1024: about 8 per SM of an H100; a guess, not yet timed).
+# The one-tile kernels with a bias, timed on an H200 (`bench/bias_options.py`, bf16, H = 8,
+# d = 64, 64-row tiles; `bench/results/gpu-h200/run5/bias_options.md`):
+#
+# * Forward: a bias loop (one program per bias tile, looping over the (batch, head) pairs that
+#   read it) reads each bias tile once but runs fewer programs. With a shared bias (8 pairs per
+#   tile) it ran 1.13-1.16x faster than one program per pair; with a per-head bias at B = 1 (one
+#   pair per tile: nothing to share) 1.17x slower. So it runs from BIAS_LOOP_MIN_PAIRS pairs per
+#   tile (4: between the two points measured, not timed itself), and from BIAS_LOOP_MIN_PARTS
+#   subgraphs (1024, about 8 per SM of an H100: fewer programs would leave SMs idle; a guess).
+#   Its loop is capped at 168 registers: at 255 ptxas takes 193 with a shared bias and the loop
+#   ran 1.23x slower; at 168 no configuration spills on sm_80 or sm_90 (compile report).
+# * Backward summing the bias gradient: its loop keeps a [BLOCK, BLOCK] fp32 accumulator live.
+#   At 64 rows, 4 warps (249-255 registers; a shared bias spills 8 bytes on sm_90) ran 1.43-1.44x
+#   faster at N = 1e6 than 8 warps (238-244 registers, no spill, one program per SM) and
+#   1.06-1.15x faster than 4 warps capped at 168 (200-330 bytes of spills).
 BIAS_LOOP_MIN_PARTS = 1024
-
-# Launch options of the one-tile kernels' loops over the pairs that share a bias tile, from the
-# compile report (`bench/results/static/`; compiler facts). The forward's loop: at maxnreg=255
-# ptxas takes 193 registers at 64 rows with a shared bias (two programs of 128 threads per SM);
-# capped at 168 every configuration fits three per SM on sm_80 and sm_90 without a spill. The
-# backward's loop keeps a [BLOCK, BLOCK] fp32 bias-gradient accumulator live: at 64 rows it
-# spills with 4 warps (255 registers) and fits with 8 (238-244 registers, one program per SM);
-# capping it at 168 spills 200-330 bytes at 4 or 8 warps. `bench/bias_options.py` times these
-# choices against each other on a GPU.
+BIAS_LOOP_MIN_PAIRS = 4
 BIAS_LOOP_FORWARD_OPTIONS = {"maxnreg": 168}
-BIAS_GRAD_OPTIONS_64_ROWS = {"num_warps": 8}
+BIAS_GRAD_OPTIONS_64_ROWS = {"num_warps": 4}
 
 
-def uses_bias_loop(num_parts: int, has_bias: bool) -> bool:
-    """Whether the one-tile forward runs one program per bias tile (`BIAS_LOOP_MIN_PARTS`)."""
-    return has_bias and num_parts >= BIAS_LOOP_MIN_PARTS
+def uses_bias_loop(num_parts: int, pairs_per_tile: int) -> bool:
+    """Whether the one-tile forward runs one program per bias tile: ``num_parts`` subgraphs,
+    ``pairs_per_tile`` (batch, head) pairs reading each bias tile (0 without a bias)."""
+    return num_parts >= BIAS_LOOP_MIN_PARTS and pairs_per_tile >= max(1, BIAS_LOOP_MIN_PAIRS)
+
+
+@contextlib.contextmanager
+def bias_loop_thresholds(min_parts: Optional[int] = None, min_pairs: Optional[int] = None):
+    """Set `BIAS_LOOP_MIN_PARTS` / `BIAS_LOOP_MIN_PAIRS` inside the block (the ones given):
+    how the compile check, the byte count and the tests reach both forms of the forward."""
+    global BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS
+    saved = BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS
+    BIAS_LOOP_MIN_PARTS = saved[0] if min_parts is None else min_parts
+    BIAS_LOOP_MIN_PAIRS = saved[1] if min_pairs is None else min_pairs
+    try:
+        yield
+    finally:
+        BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS = saved
 
 
 def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
-    """One program per subgraph and (batch, head), or per bias tile (`BIAS_LOOP_MIN_PARTS`):
+    """One program per subgraph and (batch, head), or per bias tile (`uses_bias_loop`):
     `triton_kernels.attention_fwd_one_tile`."""
     B, N, H, d = q.shape
     P, M = index.shape
@@ -183,7 +203,7 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
     lse = _new((B, H, N), torch.float32, q.device)
     pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
     shared = bias is not None and bias.dim() == 3
-    bias_loop = uses_bias_loop(P, bias is not None)
+    bias_loop = uses_bias_loop(P, 0 if bias is None else B * H if shared else B)
     _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),
         q, k, v, o, lse, pooled, bias if bias is not None else q, index, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),

@@ -53,12 +53,21 @@ def test_every_triton_kernel_is_launched_and_compiled(triton_reports):
         assert {r.kernel for r in triton_reports if r.arch == arch} == launched
 
 
+def _timed_spill(report) -> bool:
+    """The one spill a GPU timing chose over a spill-free launch (`triton_backend`, above
+    `BIAS_LOOP_MIN_PARTS`): the one-tile backward summing a shared bias's gradient, 64-row tiles,
+    4 warps; up to 16 bytes (fp16 on sm_90: 8). With 8 warps it spilled nothing and ran 1.44x
+    slower at N = 1e6 (bf16 on an H200)."""
+    return (report.kernel == "attention_bwd_one_tile" and report.spill_stores <= 16
+            and all(flag in report.config for flag in ("BIAS_GRAD=True", "SHARED_BIAS=True", "BLOCK=64,")))
+
+
 @COMPILE_ALL
 def test_triton_kernels_compile_without_spills_within_shared_memory(triton_reports):
     failed = [f"sm_{r.arch} {r.config}: {r.error}" for r in triton_reports if not r.ok]
     assert not failed, "\n".join(failed[:5])
     spilled = [f"sm_{r.arch} {r.config}: {r.spill_stores} B spill stores, {r.local_bytes} B local"
-               for r in triton_reports if r.spills]
+               for r in triton_reports if r.spills and not _timed_spill(r)]
     assert not spilled, f"{len(spilled)} configurations spill:\n" + "\n".join(spilled[:10])
     over = [f"sm_{r.arch} {r.config}: {r.shared_bytes} B" for r in triton_reports if r.shared_over_limit]
     assert not over, "shared memory over the limit:\n" + "\n".join(over)

@@ -65,8 +65,10 @@ def _combinations():
 @pytest.mark.parametrize("dtype,head_dim,max_size,tol,bias_kind,bias_loop", list(_combinations()))
 def test_one_tile_kernels_match_the_reference(launched, monkeypatch, dtype, head_dim, max_size, tol, bias_kind,
                                               bias_loop):
-    # The bias loop (one program per bias tile) starts at BIAS_LOOP_MIN_PARTS subgraphs: 1 forces it.
+    # The bias loop (one program per bias tile) starts at BIAS_LOOP_MIN_PARTS subgraphs and
+    # BIAS_LOOP_MIN_PAIRS pairs per bias tile: 1 and 1 force it.
     monkeypatch.setattr(triton_backend, "BIAS_LOOP_MIN_PARTS", 1 if bias_loop else 10**9)
+    monkeypatch.setattr(triton_backend, "BIAS_LOOP_MIN_PAIRS", 1)
     seed = torch.randint(0, 2**31 - 1, (1,)).item()
     g = torch.Generator().manual_seed(seed)
     frozen = bias_kind is not None and bias_kind.endswith("-frozen")     # a bias without a gradient
