@@ -154,7 +154,7 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
 
 
 # The one-tile kernels with a bias, timed on an H200 (`bench/bias_options.py`, bf16, H = 8,
-# d = 64, 64-row tiles; `bench/results/gpu-h200/run5/bias_options.md`):
+# d = 64, 64-row tiles; `bench/results/gpu-h200/run5/` and `run6/bias_options.md`):
 #
 # * Forward: a bias loop (one program per bias tile, looping over the (batch, head) pairs that
 #   read it) reads each bias tile once but runs fewer programs. With a shared bias (8 pairs per
