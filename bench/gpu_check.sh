@@ -36,7 +36,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-{ nvidia-smi; git rev-parse HEAD 2>/dev/null
+# SBA_TREE=<commit> names the tree that runs, where the machine's .git is stale (scaling.json
+# records it as "tree"; `git rev-parse` below then names the stale copy, not this tree).
+{ nvidia-smi; git rev-parse HEAD 2>/dev/null; echo "SBA_TREE=${SBA_TREE:-}"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"

@@ -259,6 +259,10 @@ def environment(device: str) -> dict:
         info["commit_dirty"] = bool(dirty)
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
+    if os.environ.get("SBA_TREE"):
+        # A copy of the working tree whose .git is not its own (a lent GPU machine's, synced
+        # once per session) says through SBA_TREE which tree it really is.
+        info["tree"] = os.environ["SBA_TREE"]
     if device == "cuda":
         info["device"] = torch.cuda.get_device_name()
         try:

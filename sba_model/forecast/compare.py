@@ -9,18 +9,24 @@ averaged, each the mean ± sample sd over the seeds, and how many seeds each mod
 lowest averaged MAE); its header holds the exact command, the commit and the total wall time.
 ``<out stem>_curves.png`` beside it plots validation MAE per epoch, one line per learned model,
 on the first seed.
+
+``--resume`` makes a long comparison survive being stopped: a run whose folder already holds
+``metrics.json`` from exactly these settings is read back instead of trained again, and an
+unfinished one continues from its last checkpoint (`train`'s ``--resume``). The table then says
+how many runs it read back; its wall time is this call's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -148,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=False,
                    help="learned models predict the change from the last input step")
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true",
+                   help="read back runs finished with these settings; continue unfinished ones from last.pt")
     a = p.parse_args(argv)
     for flag in ("models", "seeds"):
         values = getattr(a, flag)
@@ -156,6 +164,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(a.seeds) < 0:
         p.error(f"--seeds must be >= 0 (numpy's seeds are), got {a.seeds}")
     return a
+
+
+def finished_run(cfg: train.TrainConfig) -> Optional[dict]:
+    """The metrics of a run of exactly ``cfg`` that finished in ``cfg.run_dir``, else None: its
+    ``config.json`` must hold every setting of ``cfg`` (but how it ran: resume, quiet, device;
+    and those left None, which `train.run` resolves from the data and records resolved)."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("resume", "quiet", "device")}))
+    return metrics if all(v is None or saved.get(k) == v for k, v in wanted.items()) else None
 
 
 def main(argv=None) -> int:
@@ -168,11 +190,15 @@ def main(argv=None) -> int:
                              batch_size=a.batch_size, device=a.device, residual=a.residual, quiet=True)
     started = time.perf_counter()
     results = {name: [] for name in a.models}
+    reused = 0
     for seed in a.seeds:
         for name in a.models:
-            print(f"[{time.perf_counter() - started:6.0f}s] {name} seed {seed}", flush=True)
-            cfg = replace(base, model=name, seed=seed, run_dir=str(runs / name / f"seed{seed}"))
-            results[name].append(train.run(cfg))
+            cfg = replace(base, model=name, seed=seed, run_dir=str(runs / name / f"seed{seed}"), resume=a.resume)
+            done = finished_run(cfg) if a.resume else None
+            print(f"[{time.perf_counter() - started:6.0f}s] {name} seed {seed}{' (read back)' if done else ''}",
+                  flush=True)
+            reused += done is not None
+            results[name].append(done or train.run(cfg))
             avg = results[name][-1]["test"]["average"]
             print(f"          test avg MAE {avg['MAE']:.4f}  RMSE {avg['RMSE']:.4f}  MAPE {avg['MAPE']:.2f}%", flush=True)
     curves = out.with_name(out.stem + "_curves.png")
@@ -182,7 +208,9 @@ def main(argv=None) -> int:
     text = (f"# {stem}: SBATransformer, ablations and baselines\n\n"
             f"Command: `{command}`\n\n"
             f"Commit: `{commit()}`. Seeds: {', '.join(map(str, a.seeds))}. "
-            f"Total wall time {time.perf_counter() - started:.0f} s.\n\n"
+            f"Total wall time {time.perf_counter() - started:.0f} s"
+            f"{f' ({reused} of {len(a.seeds) * len(a.models)} runs read back from an earlier call, --resume)' if reused else ''}"
+            ".\n\n"
             f"Test split: last {int(100 * base.test_fraction)}% of the series (chronological); validation: the "
             f"{int(100 * base.val_fraction)}% before it; inputs {base.in_steps} steps. Each cell is the mean ± "
             f"sample sd over the seeds (the bare value for one seed); lower is better; lowest mean averaged MAE in "
