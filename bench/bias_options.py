@@ -9,7 +9,8 @@ compiles alone, whose register counts are compiler facts, not timings; this is w
 * the forward: one program per (subgraph, batch, head), or one per bias tile looping over the
   pairs that read it (reads the bias once), and that loop's register cap;
 * the backward that sums the bias gradient: its warps and register cap (8 warps at 238-244
-  registers, one program per SM, against 4 warps or a cap of 168 that spill).
+  registers, one program per SM, the choice from compiles; 4 warps, the choice now; a cap of
+  168 that spills). The backward is timed as forward+backward, with the backend's forward.
 
 Workload as `scaling.py`: bf16, B = 1, H = 8, d = 64, METIS subgraphs of at most 64 on a k-NN
 graph, and a bias ``[P, M, M]`` (shared by heads) or ``[H, P, M, M]`` (per head) drawn from

@@ -368,7 +368,8 @@ def parse_args(argv=None):
                         "0: METIS's own imbalance, about half the parts one or two over)")
     p.add_argument("--layout", choices=["metis", "runs"], default="metis",
                    help="metis: a k-NN graph cut by METIS (default); runs: consecutive runs of --subgraph-size "
-                        "nodes, no graph (seconds at N = 1e7, where METIS takes many minutes)")
+                        "nodes, no graph (seconds at N = 1e7, where METIS takes many minutes; --max-size does "
+                        "not apply: no run is longer than --subgraph-size)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on GPU")
     p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
                    help="also time forward+backward (default: yes, but not with --large)")

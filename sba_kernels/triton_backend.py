@@ -165,9 +165,13 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
 #   Its loop is capped at 168 registers: at 255 ptxas takes 193 with a shared bias and the loop
 #   ran 1.23x slower; at 168 no configuration spills on sm_80 or sm_90 (compile report).
 # * Backward summing the bias gradient: its loop keeps a [BLOCK, BLOCK] fp32 accumulator live.
-#   At 64 rows, 4 warps (249-255 registers; a shared bias spills 8 bytes on sm_90) ran 1.43-1.44x
-#   faster at N = 1e6 than 8 warps (238-244 registers, no spill, one program per SM) and
-#   1.06-1.15x faster than 4 warps capped at 168 (200-330 bytes of spills).
+#   At 64 rows and N = 1e6, forward+backward with 4 warps (249-255 registers; a shared bias
+#   spills 8 bytes on sm_90) ran 1.43-1.44x faster than with 8 warps (238-244 registers, no
+#   spill, one program per SM; the choice before the timings) and 1.06-1.16x faster than with
+#   4 warps capped at 168 (200-330 bytes of spills). At N = 1e5 with a shared bias the cap of
+#   168 was 1.14x faster instead; the larger N decided, where the kernels, not the host, take
+#   the time. BIAS_GRAD_OPTIONS_64_ROWS names the choice (it equals `one_tile_blocks`' own 4
+#   warps) so that `bench/bias_options.py` can time the others against it.
 BIAS_LOOP_MIN_PARTS = 1024
 BIAS_LOOP_MIN_PAIRS = 4
 BIAS_LOOP_FORWARD_OPTIONS = {"maxnreg": 168}

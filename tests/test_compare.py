@@ -97,7 +97,7 @@ def test_cli_runs_every_model_on_every_seed(tmp_path):
         compare.main(["--data", str(path), "--seeds", "0", "0"])
 
 
-def test_resume_reads_back_finished_runs_and_continues_changed_ones(tmp_path, monkeypatch):
+def test_resume_reads_back_finished_runs_and_retrains_changed_ones(tmp_path, monkeypatch):
     path = tmp_path / "small.npz"
     D.save_npz(D.synthetic(num_nodes=12, steps=400), path)
     out, runs = tmp_path / "table.md", tmp_path / "runs"
@@ -107,13 +107,25 @@ def test_resume_reads_back_finished_runs_and_continues_changed_ones(tmp_path, mo
     first = _rows(out.read_text())
     trained = []
     real_run = compare.train.run
-    monkeypatch.setattr(compare.train, "run", lambda cfg: trained.append((cfg.model, cfg.epochs)) or real_run(cfg))
+    monkeypatch.setattr(compare.train, "run",
+                        lambda cfg: trained.append((cfg.model, cfg.epochs, cfg.resume)) or real_run(cfg))
     compare.main(args + ["--resume"])                       # everything finished with these settings
     assert trained == [] and _rows(out.read_text()) == first
     assert "(2 of 2 runs read back from an earlier call, --resume)" in out.read_text()
-    compare.main([a if a != "2" else "3" for a in args] + ["--resume"])          # --epochs 3: not the same runs
-    assert trained == [("last_value", 3), ("stid", 3)] and "read back" not in out.read_text()
+    three = [a if a != "2" else "3" for a in args] + ["--resume"]            # --epochs 3: other runs, trained afresh
+    compare.main(three)
+    assert trained == [("last_value", 3, False), ("stid", 3, False)] and "read back" not in out.read_text()
     history = json.loads((runs / "stid" / "seed0" / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]       # continued from epoch 2's checkpoint
-    with pytest.raises(ValueError, match=r"other settings for \['lr'\]"):
-        compare.main(args + ["--resume", "--lr", "0.01"])
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # A run stopped after it started: its settings are written, the earlier run's metrics gone,
+    # so --resume continues it from its checkpoint instead of reading the old metrics back.
+    monkeypatch.setattr(compare.train, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        compare.main([a if a != "3" else "4" for a in three])
+    assert not (runs / "last_value" / "seed0" / "metrics.json").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(compare.train, "run",
+                        lambda cfg: trained.append((cfg.model, cfg.epochs, cfg.resume)) or real_run(cfg))
+    trained.clear()
+    compare.main([a if a != "3" else "4" for a in three])
+    assert trained == [("last_value", 4, True), ("stid", 4, False)]

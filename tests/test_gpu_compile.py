@@ -54,11 +54,12 @@ def test_every_triton_kernel_is_launched_and_compiled(triton_reports):
 
 
 def _timed_spill(report) -> bool:
-    """The one spill a GPU timing chose over a spill-free launch (`triton_backend`, above
-    `BIAS_LOOP_MIN_PARTS`): the one-tile backward summing a shared bias's gradient, 64-row tiles,
-    4 warps; up to 16 bytes (fp16 on sm_90: 8). With 8 warps it spilled nothing and ran 1.44x
-    slower at N = 1e6 (bf16 on an H200)."""
-    return (report.kernel == "attention_bwd_one_tile" and report.spill_stores <= 16
+    """The one spill a GPU timing chose over spill-free launches (`triton_backend`, the comment
+    on `BIAS_GRAD_OPTIONS_64_ROWS`): the one-tile backward summing a shared bias's gradient,
+    64-row tiles, 4 warps, on sm_90: 8 bytes stored and loaded (16 allowed). With 8 warps it
+    spilled nothing and forward+backward ran 1.43x slower at N = 1e6 (bf16, H200)."""
+    return (report.kernel == "attention_bwd_one_tile" and report.arch == 90
+            and report.spill_stores <= 16 and report.spill_loads <= 16
             and all(flag in report.config for flag in ("BIAS_GRAD=True", "SHARED_BIAS=True", "BLOCK=64,")))
 
 
@@ -112,7 +113,7 @@ def test_biased_bf16_head_dim_64_kernels_compile_for_sm90_and_sm80(triton_report
     assert {(r.kernel, r.arch) for r in bf16} >= {(k, a) for k in ("attention_fwd", "attention_bwd_dq",
                                                                    "attention_bwd_dkdv", "attention_bwd_dbias")
                                                   for a in (90, 80)}
-    assert all(r.ok and not r.spills for r in bf16)
+    assert all(r.ok and (not r.spills or _timed_spill(r)) for r in bf16)
 
 
 def test_annotated_constexpr_global_is_refused_by_the_gpu_compiler(tmp_path):

@@ -23,14 +23,22 @@ CASES = [(torch.float32, 32, 16, 1e-5), (torch.float32, 24, 16, 1e-5), (torch.fl
          (torch.float16, 24, 32, 1e-2), (torch.float16, 128, 32, 1e-2)]
 
 
+class _Launches(list):
+    """Names of launched kernels, in order; ``metas`` their constexprs and options."""
+
+    metas: list[dict]
+
+
 @pytest.fixture
 def launched(monkeypatch):
-    """Names of the kernels the triton backend launches, in order; outputs poisoned (NaN)."""
-    names: list[str] = []
+    """The kernels the triton backend launches (`_Launches`); outputs poisoned (NaN)."""
+    names = _Launches()
+    names.metas = []
     real = triton_backend._launch
 
     def spy(kernel, grid, *args, **meta):
         names.append(kernel.fn.__name__)
+        names.metas.append(meta)
         real(kernel, grid, *args, **meta)
 
     monkeypatch.setattr(triton_backend, "_launch", spy)
@@ -96,12 +104,44 @@ def test_one_tile_kernels_match_the_reference(launched, monkeypatch, dtype, head
     (o_ref * go).sum().add((z_ref * gz).sum()).backward()
 
     assert [k for k in launched if k.startswith("attention")] == ["attention_fwd_one_tile", "attention_bwd_one_tile"]
+    assert launched.metas[launched.index("attention_fwd_one_tile")]["BIAS_LOOP"] == bias_loop
     assert rel_err(o.cpu(), o_ref) <= tol, f"seed {seed}"
     assert rel_err(z.cpu(), z_ref) <= tol, f"seed {seed}"
     for a, b in zip(ours, ref):
         assert (a.grad is None) == (b.grad is None) == (frozen and a is ours[-1] and bias_kind is not None)
         if b.grad is not None:
             assert rel_err(a.grad.cpu(), b.grad, floor=1.0) <= 2 * tol, f"seed {seed}"
+
+
+@pytest.mark.parametrize("bias_kind,batch,loop", [("shared", 1, True), ("per_head", 1, False), ("per_head", 4, True),
+                                                  (None, 4, False)])
+def test_default_bias_loop_rule_and_launch_options(monkeypatch, bias_kind, batch, loop):
+    """The defaults the H200 timings chose (`triton_backend.uses_bias_loop`): from 1024 subgraphs
+    the one-tile forward loops over a bias tile when 4 or more (batch, head) pairs read it (a
+    shared bias: B x H; a per-head one: B), capped at 168 registers; else one program per pair.
+    The bias-gradient backward at 64 rows runs `BIAS_GRAD_OPTIONS_64_ROWS`. Launches recorded,
+    not run."""
+    P, M, H, d = 1024, 64, 8, 64
+    q = torch.zeros(batch, P * M, H, d, dtype=torch.float16)
+    index = torch.arange(P * M, dtype=torch.int32).view(P, M)
+    lengths = torch.full((P,), M, dtype=torch.int32)
+    bias = None if bias_kind is None else torch.zeros(((H,) if bias_kind == "per_head" else ()) + (P, M, M),
+                                                      dtype=torch.float16)
+    monkeypatch.setattr(triton_backend, "LAUNCH_RECORDER", [])
+    o, lse, _ = triton_backend.attention_forward(q, q, q, index, lengths, bias, 0.125, False)
+    triton_backend.attention_backward(q, q, q, q, o, lse, index, lengths, bias, 0.125, need_dbias=bias is not None)
+    (fwd_kernel, fwd_grid, _, fwd), (bwd_kernel, bwd_grid, _, bwd) = triton_backend.LAUNCH_RECORDER
+    assert (fwd_kernel.fn.__name__, bwd_kernel.fn.__name__) == ("attention_fwd_one_tile", "attention_bwd_one_tile")
+    assert fwd["BIAS_LOOP"] == loop
+    assert fwd_grid == ((P, 1 if bias_kind == "shared" else H) if loop else (P, batch * H))
+    assert fwd["maxnreg"] == (168 if loop else 255)
+    with_grad = {"shared": (P, 1), "per_head": (P, H), None: (P, batch * H)}[bias_kind]
+    assert bwd_grid == with_grad and bwd["BIAS_GRAD"] == (bias is not None)
+    assert bwd["num_warps"] == (triton_backend.BIAS_GRAD_OPTIONS_64_ROWS.get("num_warps", 4) if bias is not None else 4)
+    with triton_backend.bias_loop_thresholds(min_parts=P + 1):          # too few subgraphs: never the loop
+        triton_backend.attention_forward(q, q, q, index, lengths, bias, 0.125, False)
+    assert triton_backend.LAUNCH_RECORDER[-1][3]["BIAS_LOOP"] is False
+    assert (triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_MIN_PAIRS) == (1024, 4)   # restored
 
 
 @pytest.mark.parametrize("bias_kind", ["shared", "per_head"])

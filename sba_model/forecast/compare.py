@@ -11,9 +11,10 @@ lowest averaged MAE); its header holds the exact command, the commit and the tot
 on the first seed.
 
 ``--resume`` makes a long comparison survive being stopped: a run whose folder already holds
-``metrics.json`` from exactly these settings is read back instead of trained again, and an
-unfinished one continues from its last checkpoint (`train`'s ``--resume``). The table then says
-how many runs it read back; its wall time is this call's.
+``metrics.json`` from exactly these settings is read back instead of trained again, an
+unfinished one with exactly these settings continues from its last checkpoint (`train`'s
+``--resume``), and a run with other settings trains afresh. The table then says how many runs
+it read back; its wall time is this call's.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learned models predict the change from the last input step")
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
-                   help="read back runs finished with these settings; continue unfinished ones from last.pt")
+                   help="read back runs finished with these settings; continue unfinished ones from last.pt; "
+                        "train the rest afresh")
     a = p.parse_args(argv)
     for flag in ("models", "seeds"):
         values = getattr(a, flag)
@@ -166,18 +168,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def finished_run(cfg: train.TrainConfig) -> Optional[dict]:
-    """The metrics of a run of exactly ``cfg`` that finished in ``cfg.run_dir``, else None: its
-    ``config.json`` must hold every setting of ``cfg`` (but how it ran: resume, quiet, device;
-    and those left None, which `train.run` resolves from the data and records resolved)."""
-    run_dir = Path(cfg.run_dir)
+def same_settings(cfg: train.TrainConfig) -> bool:
+    """Whether ``cfg.run_dir`` holds a run (finished or not) of exactly ``cfg``: its
+    ``config.json`` holds every setting of ``cfg`` but how it ran (resume, quiet, device) and
+    those left None, which `train.run` resolves from the data and records resolved."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("resume", "quiet", "device")}))
+    return all(v is None or saved.get(k) == v for k, v in wanted.items())
+
+
+def finished_run(cfg: train.TrainConfig) -> Optional[dict]:
+    """The metrics of a run of exactly ``cfg`` (`same_settings`) that finished, else None.
+    (`train.run` removes a folder's ``metrics.json`` when a new run starts in it.)"""
+    if not same_settings(cfg):
+        return None
+    try:
+        return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("resume", "quiet", "device")}))
-    return metrics if all(v is None or saved.get(k) == v for k, v in wanted.items()) else None
 
 
 def main(argv=None) -> int:
@@ -193,8 +204,11 @@ def main(argv=None) -> int:
     reused = 0
     for seed in a.seeds:
         for name in a.models:
-            cfg = replace(base, model=name, seed=seed, run_dir=str(runs / name / f"seed{seed}"), resume=a.resume)
+            cfg = replace(base, model=name, seed=seed, run_dir=str(runs / name / f"seed{seed}"))
             done = finished_run(cfg) if a.resume else None
+            # Continue only a run of these very settings: with other epochs, its learning-rate
+            # schedule would not be the one the command names. Anything else trains afresh.
+            cfg = replace(cfg, resume=a.resume and done is None and same_settings(cfg))
             print(f"[{time.perf_counter() - started:6.0f}s] {name} seed {seed}{' (read back)' if done else ''}",
                   flush=True)
             reused += done is not None

@@ -360,6 +360,8 @@ def run(cfg: TrainConfig) -> dict:
     ranks.barrier()                                      # every rank has read config.json
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # An earlier run's metrics must not sit beside this run's settings until it finishes.
+        (run_dir / "metrics.json").unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(settings, indent=1))
 
     trainable = any(p.requires_grad for p in model.parameters())
