@@ -263,6 +263,19 @@ def test_module_to_moves_inter_levels():
     assert all(lv.device.type == "meta" and lv.assignment.device.type == "meta" for lv in layer.inter.levels)
 
 
+def test_model_from_graph_caps_the_first_layers_subgraphs():
+    adj = _graph(1000, seed=7)
+    plain = SBATransformer.from_graph(adj, [16, 4], in_steps=3, in_channels=1, out_steps=2, out_channels=1,
+                                      dim=16, num_heads=2, pe_dim=0)
+    capped = SBATransformer.from_graph(adj, [16, 4], in_steps=3, in_channels=1, out_steps=2, out_channels=1,
+                                       dim=16, num_heads=2, pe_dim=0, max_size=63)
+    assert plain.blocks[0].partition.max_size > 63                # METIS's imbalance: some parts over 1000 / 16
+    assert capped.blocks[0].partition.max_size <= 63
+    fine, coarse = capped.blocks[0].partition, capped.blocks[1].partition     # still nested
+    assert all(len({int(coarse.assignment[i]) for i in part}) == 1 for part in fine.parts())
+    capped(torch.randn(2, 3, 1000, 1)).square().sum().backward()
+
+
 def test_model_from_graph_builds_hierarchy_above_threshold():
     adj = _graph(400, seed=6)
     model = SBATransformer.from_graph(adj, [40, 12], in_steps=3, in_channels=1, out_steps=2, out_channels=1,

@@ -113,17 +113,25 @@ class SBATransformer(nn.Module):
     @classmethod
     def from_graph(cls, adjacency, parts: Sequence[int], *, in_steps: int, in_channels: int, out_steps: int,
                    out_channels: int, pe_dim: int = 8, graph_bias: bool = True, seed: int = 0,
-                   inter_threshold: int = INTER_THRESHOLD, **kwargs) -> "SBATransformer":
+                   inter_threshold: int = INTER_THRESHOLD, max_size: Optional[int] = None,
+                   **kwargs) -> "SBATransformer":
         """Build from a sensor graph: nested METIS partitions for ``parts`` (one level per layer,
         finest first) and, for layers with more than ``inter_threshold`` subgraphs, the levels of
         their hierarchical inter attention (`model_partitions`: coarser levels of the same nested
         chain, so every group is a contiguous run of tokens); the node permutation; Laplacian PE
         of size ``pe_dim`` (0 = none); the graph-bias blocks when ``graph_bias``.
 
+        ``max_size`` caps the first layer's subgraphs (`model_partitions`). METIS alone leaves
+        about half of them one or two nodes over the ``N / parts[0]`` it aims at; with
+        ``parts[0] = ceil(N / 64)`` and ``max_size=64`` every subgraph fits one tile of the
+        triton kernels (16-bit, head dim <= 64), whose one-tile forward and fused backward are
+        the fast path on a GPU (`bench/results/static/tiles.md`).
+
         ``adjacency`` is converted and checked once, here (`sba_model.to_csr`); every step
         after it receives the checked graph and does not convert it again."""
         csr = to_csr(adjacency)
-        partitions, levels, perm = model_partitions(csr, parts, threshold=inter_threshold, seed=seed)
+        partitions, levels, perm = model_partitions(csr, parts, threshold=inter_threshold, max_size=max_size,
+                                                    seed=seed)
         internal = permute_graph(csr, perm)
         pe = laplacian_pe(internal, pe_dim) if pe_dim else None
         return cls(csr.shape[0], in_steps, in_channels, out_steps, out_channels, partitions, pe=pe,
