@@ -241,7 +241,7 @@ def test_metrics_ignore_missing_targets():
 @pytest.mark.parametrize("name", zoo.MODELS)
 def test_every_model_maps_the_shapes(name):
     data = D.synthetic(num_nodes=40, steps=50)
-    shape = zoo.Shape(40, 12, 4, 1, data.steps_per_day)
+    shape = zoo.Shape(40, 12, 4, 1, data.steps_per_day, day_of_week=True)
     model = zoo.build(name, data.adjacency, shape, parts=[6, 2], dim=16, num_heads=2)
     y = model(torch.randn(2, 12, 40, 1), torch.tensor([0, 5]), torch.tensor([1, 2]))
     assert y.shape == (2, 4, 40, 1) and torch.isfinite(y).all()
@@ -277,7 +277,7 @@ def test_stid_overfits_one_batch():
     torch.manual_seed(0)
     data = D.synthetic(num_nodes=10, steps=100)
     x, y, tod, dow = _windows(data, list(range(0, 80, 10)))
-    model = zoo.STID(zoo.Shape(10, 12, 4, 1, data.steps_per_day), dropout=0.0)
+    model = zoo.STID(zoo.Shape(10, 12, 4, 1, data.steps_per_day, day_of_week=True), dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(300):
@@ -302,6 +302,23 @@ def test_stid_tells_nodes_apart_by_their_identity():
         zoo.STID(zoo.Shape(5, 12, 4, 1, 288))(x)
     with pytest.raises(ValueError, match=r"^x must be \[B, 12, 5, 1\]"):
         model(x[:, :, :4])
+
+
+def test_day_of_week_embedding_only_where_training_sees_every_weekday():
+    """los_loop is 7 days (Thursday to Wednesday): its training split never holds a Tuesday or a
+    Wednesday, the days it is tested on, so no model gets a day-of-week embedding there; a
+    series whose training split spans every weekday gets one."""
+    setup = train.prepare(train.TrainConfig(data="los_loop", model="stid", dim=16))
+    assert setup.model.tod is not None and setup.model.dow is None
+    trained_days = setup.windows["train"].dow[setup.windows["train"].starts + 11].unique().tolist()
+    tested_days = setup.windows["test"].dow[setup.windows["test"].starts + 11].unique().tolist()
+    assert not set(tested_days) & set(trained_days)
+    long = D.synthetic(num_nodes=8, steps=12 * 288)                   # 12 days of 5-minute steps
+    windows, _ = train.datasets.split_windows(long, 12, 4, test_fraction=0.2, val_fraction=0.1)
+    assert train.trains_every_weekday(windows["train"])
+    short = D.synthetic(num_nodes=8, steps=5 * 288)
+    windows, _ = train.datasets.split_windows(short, 12, 4, test_fraction=0.2, val_fraction=0.1)
+    assert not train.trains_every_weekday(windows["train"])
 
 
 def _cfg(tmp_path, path, **kw):

@@ -295,6 +295,17 @@ class Setup:
         return self.windows["train"].out_steps
 
 
+def trains_every_weekday(train_windows) -> bool:
+    """Whether the training windows' last input steps fall on all seven weekdays. A day-of-week
+    embedding never trained on some day would meet that day first in validation or test with
+    its random initial value: los_loop is 7 days, Thursday to Wednesday, and its chronological
+    split trains on Thursday to Monday and tests on Tuesday and Wednesday."""
+    if train_windows.dow is None or len(train_windows) == 0:
+        return False
+    last = train_windows.starts + train_windows.in_steps - 1
+    return len(set(train_windows.dow[last].tolist())) == 7
+
+
 def prepare(cfg: TrainConfig) -> Setup:
     """Load ``cfg.data``, split it and build ``cfg.model`` for it, as `run` does."""
     series = datasets.load(cfg.data)
@@ -304,7 +315,8 @@ def prepare(cfg: TrainConfig) -> Setup:
         raise ValueError(f"horizons {horizons} reach past out_steps={out_steps}")
     windows, scaler = datasets.split_windows(series, cfg.in_steps, out_steps, test_fraction=cfg.test_fraction,
                                              val_fraction=cfg.val_fraction)
-    shape = zoo.Shape(series.shape[1], cfg.in_steps, out_steps, series.shape[2], series.steps_per_day)
+    shape = zoo.Shape(series.shape[1], cfg.in_steps, out_steps, series.shape[2], series.steps_per_day,
+                      day_of_week=trains_every_weekday(windows["train"]))
     model = zoo.build(cfg.model, series.adjacency, shape, parts=cfg.parts, dim=cfg.dim, num_heads=cfg.heads,
                       pe_dim=cfg.pe_dim, dropout=cfg.dropout, backend=cfg.backend, seed=cfg.seed,
                       last_value_residual=cfg.residual)

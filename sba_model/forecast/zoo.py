@@ -36,13 +36,16 @@ MODELS = SBA_VARIANTS + BASELINES
 
 @dataclass
 class Shape:
-    """What every model must fit: node count, steps and channels in and out, calendar sizes."""
+    """What every model must fit: node count, steps and channels in and out, the calendar:
+    ``steps_per_day`` turns the time-of-day embedding on, ``day_of_week`` the day-of-week one
+    (only where training sees every weekday: `train.prepare`)."""
 
     num_nodes: int
     in_steps: int
     out_steps: int
     channels: int
     steps_per_day: int | None
+    day_of_week: bool = False
 
 
 class HistoricalAverage(nn.Module):
@@ -100,8 +103,9 @@ class STID(nn.Module):
     time series embedding) and concatenated with the node's own learnable embedding (``[N, dim]``,
     the spatial identity) and, when the data have a calendar (``shape.steps_per_day``), the
     time-of-day and day-of-week embeddings of the last input step (``dim`` each, the same for
-    every node). ``layers`` residual MLPs (`ResidualMLP`) on the concatenation (width ``2 * dim``,
-    ``4 * dim`` with the calendar) and a Linear head to ``T_out * C`` per node follow. The paper
+    every node; the day of week only with ``shape.day_of_week``). ``layers`` residual MLPs
+    (`ResidualMLP`) on the concatenation (``dim`` per part) and a Linear head to ``T_out * C``
+    per node follow. The paper
     uses ``dim`` 32, 3 layers, dropout 0.15; `build` passes the harness's ``dim`` and dropout.
 
     forward: x ``[B, T_in, N, C]``, tod / dow ``[B]`` long (needed when the calendar is on)
@@ -114,10 +118,9 @@ class STID(nn.Module):
         self.shape, self.last_value_residual = shape, last_value_residual
         self.series = nn.Linear(shape.in_steps * shape.channels, dim)
         self.node = nn.Parameter(nn.init.xavier_uniform_(torch.empty(shape.num_nodes, dim)))
-        calendar = shape.steps_per_day is not None
-        self.tod = nn.Embedding(shape.steps_per_day, dim) if calendar else None
-        self.dow = nn.Embedding(7, dim) if calendar else None
-        width = dim * (4 if calendar else 2)
+        self.tod = nn.Embedding(shape.steps_per_day, dim) if shape.steps_per_day is not None else None
+        self.dow = nn.Embedding(7, dim) if shape.day_of_week else None
+        width = dim * (2 + (self.tod is not None) + (self.dow is not None))
         self.mlp = nn.Sequential(*(ResidualMLP(width, dropout) for _ in range(layers)))
         self.head = nn.Linear(width, shape.out_steps * shape.channels)
 
@@ -127,9 +130,8 @@ class STID(nn.Module):
             raise ValueError(f"x must be [B, {s.in_steps}, {s.num_nodes}, {s.channels}], got {tuple(x.shape)}")
         B, T, N, C = x.shape
         parts = [self.series(x.permute(0, 2, 1, 3).reshape(B, N, T * C)), self.node.expand(B, -1, -1)]
-        if self.tod is not None:
-            parts += [time_embedding(name, table, ids, B).expand(-1, N, -1)
-                      for name, table, ids in (("tod", self.tod, tod), ("dow", self.dow, dow))]
+        parts += [time_embedding(name, table, ids, B).expand(-1, N, -1)
+                  for name, table, ids in (("tod", self.tod, tod), ("dow", self.dow, dow)) if table is not None]
         y = self.head(self.mlp(torch.cat(parts, -1))).view(B, N, s.out_steps, C).permute(0, 2, 1, 3)
         return y + x[:, -1:] if self.last_value_residual else y
 
@@ -158,7 +160,7 @@ def build(name: str, adjacency, shape: Shape, *, parts, dim: int = 64, num_heads
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     common = dict(in_steps=shape.in_steps, in_channels=shape.channels, out_steps=shape.out_steps,
                   out_channels=shape.channels, dim=dim, num_heads=num_heads, dropout=dropout, backend=backend,
-                  steps_per_day=shape.steps_per_day, day_of_week=shape.steps_per_day is not None,
+                  steps_per_day=shape.steps_per_day, day_of_week=shape.day_of_week,
                   last_value_residual=last_value_residual)
     parts = [min(p, shape.num_nodes) for p in parts]
     if name in ("sba", "sba_no_inter", "sba_no_pe"):
