@@ -109,8 +109,13 @@ def test_resume_reads_back_finished_runs_and_retrains_changed_ones(tmp_path, mon
     real_run = compare.train.run
     monkeypatch.setattr(compare.train, "run",
                         lambda cfg: trained.append((cfg.model, cfg.epochs, cfg.resume)) or real_run(cfg))
+    for model, seconds in (("last_value", 1000.4), ("stid", 234.3)):       # the summed time counts read-back runs
+        metrics_path = runs / model / "seed0" / "metrics.json"
+        metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "train_seconds": seconds}))
     compare.main(args + ["--resume"])                       # everything finished with these settings
-    assert trained == [] and _rows(out.read_text()) == first
+    assert trained == [] and {m: c[:-1] for m, c in _rows(out.read_text()).items()} == {m: c[:-1] for m, c in first.items()}
+    assert _rows(out.read_text())["stid"][-1] == "234"                             # mean training seconds
+    assert "training time summed over all 2 runs 1235 s." in out.read_text()
     assert "(2 of 2 runs read back from an earlier call, --resume)" in out.read_text()
     three = [a if a != "2" else "3" for a in args] + ["--resume"]            # --epochs 3: other runs, trained afresh
     compare.main(three)

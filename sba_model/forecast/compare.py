@@ -6,7 +6,8 @@ table and one learning-curve plot.
 Each model trains once per seed (``--seeds``, default 0 1 2) in its own run folder,
 ``<runs>/<model>/seed<s>``. The table lists test MAE / RMSE / MAPE per reported horizon and
 averaged, each the mean ± sample sd over the seeds, and how many seeds each model won (the
-lowest averaged MAE); its header holds the exact command, the commit and the total wall time.
+lowest averaged MAE); its header holds the exact command, the commit, this call's wall time and
+the training time summed over every run in the table.
 ``<out stem>_curves.png`` beside it plots validation MAE per epoch, one line per learned model,
 on the first seed.
 
@@ -14,7 +15,8 @@ on the first seed.
 ``metrics.json`` from exactly these settings is read back instead of trained again, an
 unfinished one with exactly these settings continues from its last checkpoint (`train`'s
 ``--resume``), and a run with other settings trains afresh. The table then says how many runs
-it read back; its wall time is this call's.
+it read back; its wall time is this call's, and the summed training time counts the runs read
+back too (each run's ``train_seconds``).
 """
 
 from __future__ import annotations
@@ -180,13 +182,11 @@ def same_settings(cfg: train.TrainConfig) -> bool:
     return all(v is None or saved.get(k) == v for k, v in wanted.items())
 
 
-def finished_run(cfg: train.TrainConfig) -> Optional[dict]:
-    """The metrics of a run of exactly ``cfg`` (`same_settings`) that finished, else None.
-    (`train.run` removes a folder's ``metrics.json`` when a new run starts in it.)"""
-    if not same_settings(cfg):
-        return None
+def saved_metrics(run_dir) -> Optional[dict]:
+    """The ``metrics.json`` of a finished run in ``run_dir``, else None. (`train.run` removes a
+    folder's ``metrics.json`` when a new run starts in it, so an unfinished run has none.)"""
     try:
-        return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
 
@@ -205,10 +205,12 @@ def main(argv=None) -> int:
     for seed in a.seeds:
         for name in a.models:
             cfg = replace(base, model=name, seed=seed, run_dir=str(runs / name / f"seed{seed}"))
-            done = finished_run(cfg) if a.resume else None
-            # Continue only a run of these very settings: with other epochs, its learning-rate
-            # schedule would not be the one the command names. Anything else trains afresh.
-            cfg = replace(cfg, resume=a.resume and done is None and same_settings(cfg))
+            # Read back or continue only a run of these very settings: with other epochs, its
+            # learning-rate schedule would not be the one the command names. Anything else
+            # trains afresh.
+            same = a.resume and same_settings(cfg)
+            done = saved_metrics(cfg.run_dir) if same else None
+            cfg = replace(cfg, resume=same and done is None)
             print(f"[{time.perf_counter() - started:6.0f}s] {name} seed {seed}{' (read back)' if done else ''}",
                   flush=True)
             reused += done is not None
@@ -224,7 +226,8 @@ def main(argv=None) -> int:
             f"Commit: `{commit()}`. Seeds: {', '.join(map(str, a.seeds))}. "
             f"Total wall time {time.perf_counter() - started:.0f} s"
             f"{f' ({reused} of {len(a.seeds) * len(a.models)} runs read back from an earlier call, --resume)' if reused else ''}"
-            ".\n\n"
+            f"; training time summed over all {len(a.seeds) * len(a.models)} runs "
+            f"{sum(r['train_seconds'] for rs in results.values() for r in rs):.0f} s.\n\n"
             f"Test split: last {int(100 * base.test_fraction)}% of the series (chronological); validation: the "
             f"{int(100 * base.val_fraction)}% before it; inputs {base.in_steps} steps. Each cell is the mean ± "
             f"sample sd over the seeds (the bare value for one seed); lower is better; lowest mean averaged MAE in "
