@@ -100,6 +100,31 @@ def test_model_restores_user_node_order():
     assert int(diff.argmax()) == 17
 
 
+def test_node_embedding_belongs_to_the_users_node():
+    """With one node per subgraph and no inter attention nodes never mix, so a node identity
+    moves that node's output alone; the identity row of user node u sits at internal position
+    inv_perm[u] (``perm[internal] = user id``)."""
+    n, k = 40, 11
+    torch.manual_seed(0)
+    singletons = sk.Partition.from_assignment(torch.arange(n))
+    build = lambda **kw: SBATransformer(n, 4, 1, 2, 1, [singletons], dim=8, num_heads=2, inter=False,
+                                        perm=torch.randperm(n, generator=torch.Generator().manual_seed(1)), **kw)
+    model = build(node_embedding=True).eval()
+    assert model.node_id.shape == (n, 8) and not model.node_id.any()    # zero at the start
+    assert int(model.inv_perm[k]) != k
+    x = torch.randn(3, 4, n, 1)
+    y = model(x)
+    with torch.no_grad():
+        model.node_id[model.inv_perm[k]] = torch.randn(8)
+    moved = (model(x) - y).abs().sum(dim=(0, 1, 3))
+    assert moved[k] > 1e-4 and moved[torch.arange(n) != k].max() == 0
+    model.train()
+    model(x).square().sum().backward()
+    assert model.node_id.grad.abs().sum(-1).gt(0).all()              # every node's identity learns
+    plain = build()
+    assert plain.node_id is None and len(list(model.parameters())) == len(list(plain.parameters())) + 1
+
+
 def test_model_rejects_bad_input():
     part = partition_graph(_graph(), 4)
     model = SBATransformer(120, 4, 1, 2, 1, [part], dim=16, num_heads=2, steps_per_day=24)

@@ -6,6 +6,7 @@ SBATransformer and its ablations:
   ``sba_no_multiscale`` the finest partition in every layer
   ``sba_no_pe``         without Laplacian PE
   ``sba_random_part``   a random partition with METIS's subgraph sizes instead of METIS's
+  ``sba_node_id``       ``sba`` plus a learned identity per node (STID's spatial identity)
 Baselines:
   ``historical_average``  mean of the input window, per node (T-GCN's HA)
   ``last_value``          the last observed input, repeated
@@ -29,7 +30,7 @@ from ..nn.model import SBATransformer, time_embedding
 from ..graph.partitioning import multiscale_partitions, partition_graph
 from ..graph.pe import laplacian_pe
 
-SBA_VARIANTS = ("sba", "sba_no_inter", "sba_no_multiscale", "sba_no_pe", "sba_random_part")
+SBA_VARIANTS = ("sba", "sba_no_inter", "sba_no_multiscale", "sba_no_pe", "sba_random_part", "sba_node_id")
 BASELINES = ("historical_average", "last_value", "gru", "stid", "full_attention")
 MODELS = SBA_VARIANTS + BASELINES
 
@@ -163,9 +164,10 @@ def build(name: str, adjacency, shape: Shape, *, parts, dim: int = 64, num_heads
                   steps_per_day=shape.steps_per_day, day_of_week=shape.day_of_week,
                   last_value_residual=last_value_residual)
     parts = [min(p, shape.num_nodes) for p in parts]
-    if name in ("sba", "sba_no_inter", "sba_no_pe"):
+    if name in ("sba", "sba_no_inter", "sba_no_pe", "sba_node_id"):
         return SBATransformer.from_graph(adjacency, parts, pe_dim=0 if name == "sba_no_pe" else pe_dim, seed=seed,
-                                         inter=name != "sba_no_inter", **common)
+                                         inter=name != "sba_no_inter", node_embedding=name == "sba_node_id",
+                                         **common)
     pe = laplacian_pe(adjacency, pe_dim)
     n = shape.num_nodes
     if name == "full_attention":

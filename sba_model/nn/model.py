@@ -31,8 +31,9 @@ def time_embedding(name: str, table: Optional[nn.Embedding], ids: Optional[torch
 class SBATransformer(nn.Module):
     """Forecast ``[B, T_out, N, C_out]`` from ``[B, T_in, N, C]``.
 
-    Each node's whole history (``T_in * C`` numbers) is one token (Linear -> D); Laplacian PE
-    and time-of-day / day-of-week embeddings of the last input step are added; L `SBABlock`s
+    Each node's whole history (``T_in * C`` numbers) is one token (Linear -> D); Laplacian PE,
+    an optional learned node identity and time-of-day / day-of-week embeddings of the last
+    input step are added; L `SBABlock`s
     follow, layer ``l`` on ``partitions[l]`` (fine to coarse); a Linear head maps each token to
     ``T_out * C_out``.
 
@@ -54,6 +55,9 @@ class SBATransformer(nn.Module):
         inter_levels: optional, one list of token-level `Partition`s per layer (empty for a
             layer at or below the threshold), e.g. from `sba_model.model_partitions`; by default
             built from ``adjacency`` for the layers that need them.
+        node_embedding: a learned ``[N, D]`` identity per node added to its token (STID's spatial
+            identity, Shao et al. 2022; zero at the start). It lets a node keep a bias of its own
+            that PE computed from the graph cannot give; it ties the model to these N nodes.
         last_value_residual: predict the change from the last input step (needs C_out <= C):
             ``y = head(...) + x[:, -1:, :, :C_out]``. Short horizons are mostly persistence, which a
             flattened-history embedding reproduces poorly; with this the model learns deviations.
@@ -66,8 +70,8 @@ class SBATransformer(nn.Module):
                  dropout: float = 0.0, backend: str = "auto", pe: Optional[torch.Tensor] = None,
                  steps_per_day: Optional[int] = None, day_of_week: bool = False,
                  perm: Optional[torch.Tensor] = None, adjacency=None, inter: bool = True,
-                 last_value_residual: bool = False, inter_threshold: int = INTER_THRESHOLD,
-                 inter_levels: Optional[Sequence[Sequence[Partition]]] = None):
+                 last_value_residual: bool = False, node_embedding: bool = False,
+                 inter_threshold: int = INTER_THRESHOLD, inter_levels: Optional[Sequence[Sequence[Partition]]] = None):
         super().__init__()
         if last_value_residual and out_channels > in_channels:
             raise ValueError("last_value_residual needs out_channels <= in_channels")
@@ -88,6 +92,8 @@ class SBATransformer(nn.Module):
             self.pe_proj = nn.Linear(pe.shape[1], dim)
         else:
             self.pe = None
+        # Internal node order, like pe: row i belongs to the node at internal position i.
+        self.node_id = nn.Parameter(torch.zeros(num_nodes, dim)) if node_embedding else None
         self.tod = nn.Embedding(steps_per_day, dim) if steps_per_day else None
         self.dow = nn.Embedding(7, dim) if day_of_week else None
         if perm is not None:
@@ -166,6 +172,8 @@ class SBATransformer(nn.Module):
             if self.training:
                 pe = pe * (self._pe_signs(pe.shape[1]).to(pe.device) * 2 - 1)
             tokens = tokens + self.pe_proj(pe)
+        if self.node_id is not None:
+            tokens = tokens + self.node_id[nodes]
         tokens = tokens + time_embedding("tod", self.tod, tod, B)
         tokens = tokens + time_embedding("dow", self.dow, dow, B)
         for block in self.blocks:
