@@ -67,20 +67,15 @@ def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:
             t.grad = None
         sk.intra_attention(q, k, v, partition, bias=bias, backend="triton").backward(grad)
 
-    saved = triton_backend.BIAS_LOOP_FORWARD_OPTIONS, triton_backend.BIAS_GRAD_OPTIONS_64_ROWS
+    never = 2**62
     times: list[tuple[str, str, float]] = []
-    try:
-        for name, (loop, options) in FORWARD_CHOICES.items():
-            triton_backend.BIAS_LOOP_FORWARD_OPTIONS = options
-            never = 2**62
-            with triton_backend.bias_loop_thresholds(min_parts=1 if loop else never, min_pairs=1 if loop else never):
-                times.append(("forward", name, do_bench(forward)))
-        triton_backend.BIAS_LOOP_FORWARD_OPTIONS = saved[0]
-        for name, options in BACKWARD_CHOICES.items():
-            triton_backend.BIAS_GRAD_OPTIONS_64_ROWS = options
+    for name, (loop, options) in FORWARD_CHOICES.items():
+        with triton_backend.bias_tuning(min_parts=1 if loop else never, min_pairs=1 if loop else never,
+                                        loop_forward_options=options):
+            times.append(("forward", name, do_bench(forward)))
+    for name, options in BACKWARD_CHOICES.items():
+        with triton_backend.bias_tuning(grad_options_64_rows=options):
             times.append(("forward+backward", name, do_bench(forward_backward)))
-    finally:
-        triton_backend.BIAS_LOOP_FORWARD_OPTIONS, triton_backend.BIAS_GRAD_OPTIONS_64_ROWS = saved
     rows = []
     for what in ("forward", "forward+backward"):
         best = min(ms for w, _, ms in times if w == what)

@@ -149,7 +149,7 @@ def _bias_loop_as_for(num_parts: int):
     tile depends on the number of subgraphs (`triton_backend.uses_bias_loop`): a one-subgraph
     problem makes the choice ``num_parts`` subgraphs make (the pairs per tile are the same)."""
     enough = num_parts >= triton_backend.BIAS_LOOP_MIN_PARTS
-    return triton_backend.bias_loop_thresholds(min_parts=1 if enough else sys.maxsize)
+    return triton_backend.bias_tuning(min_parts=1 if enough else sys.maxsize)
 
 
 def full_partition(histogram: dict[int, int], contiguous: bool) -> Partition:

@@ -70,14 +70,8 @@ def build_runs_layout(num_nodes: int, subgraph_size: int) -> tuple[Partition, li
 
 
 def _consecutive_runs(num_nodes: int, size: int) -> Partition:
-    """Nodes ``0..N-1`` cut into runs of ``size``: row ``p`` of the index holds ``p*size ..``,
-    padded with -1 after the last node."""
-    num_parts = -(-num_nodes // size)
-    index = torch.full((num_parts * size,), -1, dtype=torch.int32)
-    index[:num_nodes] = torch.arange(num_nodes, dtype=torch.int32)
-    lengths = torch.full((num_parts,), size, dtype=torch.int32)
-    lengths[-1] = num_nodes - (num_parts - 1) * size
-    return Partition(index.view(num_parts, size), lengths, num_nodes)
+    """Nodes ``0..N-1`` cut into runs of ``size``: subgraph ``p`` holds ``p*size ..``."""
+    return Partition.from_assignment(torch.arange(num_nodes) // size)
 
 
 def build_partition(num_nodes: int, subgraph_size: int, seed: int = 0) -> Partition:

@@ -95,6 +95,18 @@ class CompileReport:
     def shared_over_limit(self) -> bool:
         return self.shared_bytes > SM_LIMITS[self.arch]["shared_per_program"]
 
+    @property
+    def spill_accepted(self) -> bool:
+        """Whether this spill is one `triton_backend.ACCEPTED_SPILLS` declares: same kernel and
+        arch, every meta value it names in this configuration, at most its bytes each way."""
+        from .triton_backend import ACCEPTED_SPILLS
+
+        return any(self.kernel == a["kernel"] and self.arch == a["arch"]
+                   and max(self.spill_stores, self.spill_loads) <= a["max_bytes"]
+                   and all(f"{k}={v}," in self.config or self.config.endswith(f"{k}={v}]")
+                           for k, v in a["meta"].items())
+                   for a in ACCEPTED_SPILLS)
+
 
 def kernels() -> list[str]:
     """The launchable kernels of `triton_kernels`: its public ``@triton.jit`` functions
@@ -141,7 +153,7 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
     # One subgraph here: with the bias loop's thresholds at 1 and at their values, both forms
     # of the one-tile forward (one program per pair, one per bias tile) are recorded.
     for forced in (True, False):
-        with tb.bias_loop_thresholds(min_parts=1, min_pairs=1) if forced else contextlib.nullcontext():
+        with tb.bias_tuning(min_parts=1, min_pairs=1) if forced else contextlib.nullcontext():
             o, lse, _ = tb.attention_forward(q, k, v, index, lengths, bias, 0.125, False)
             tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
     for need_dbias in ((False, True) if bias is not None else (False,)):     # a bias can be frozen

@@ -184,18 +184,32 @@ def uses_bias_loop(num_parts: int, pairs_per_tile: int) -> bool:
     return num_parts >= BIAS_LOOP_MIN_PARTS and pairs_per_tile >= max(1, BIAS_LOOP_MIN_PAIRS)
 
 
+# The one spill a GPU timing chose over spill-free launches (BIAS_GRAD_OPTIONS_64_ROWS above):
+# the one-tile backward summing a shared bias's gradient, 64-row tiles, 4 warps, on sm_90, which
+# stores and loads 8 bytes. The compile check (`triton_aot.spill_accepted`) refuses every other
+# spill, and this one past ``max_bytes``.
+ACCEPTED_SPILLS = (
+    {"kernel": "attention_bwd_one_tile", "arch": 90, "max_bytes": 16,
+     "meta": {"BIAS_GRAD": True, "SHARED_BIAS": True, "BLOCK": 64}},
+)
+
+
 @contextlib.contextmanager
-def bias_loop_thresholds(min_parts: Optional[int] = None, min_pairs: Optional[int] = None):
-    """Set `BIAS_LOOP_MIN_PARTS` / `BIAS_LOOP_MIN_PAIRS` inside the block (the ones given):
-    how the compile check, the byte count and the tests reach both forms of the forward."""
-    global BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS
-    saved = BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS
-    BIAS_LOOP_MIN_PARTS = saved[0] if min_parts is None else min_parts
-    BIAS_LOOP_MIN_PAIRS = saved[1] if min_pairs is None else min_pairs
+def bias_tuning(min_parts: Optional[int] = None, min_pairs: Optional[int] = None,
+                loop_forward_options: Optional[dict] = None, grad_options_64_rows: Optional[dict] = None):
+    """Set, inside the block, the bias choices given (the others keep their values):
+    `BIAS_LOOP_MIN_PARTS`, `BIAS_LOOP_MIN_PAIRS`, `BIAS_LOOP_FORWARD_OPTIONS`,
+    `BIAS_GRAD_OPTIONS_64_ROWS`. How the compile check, the byte count and the tests reach both
+    forms of the forward, and how `bench/bias_options.py` times the alternatives."""
+    global BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS, BIAS_LOOP_FORWARD_OPTIONS, BIAS_GRAD_OPTIONS_64_ROWS
+    saved = BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS, BIAS_LOOP_FORWARD_OPTIONS, BIAS_GRAD_OPTIONS_64_ROWS
+    given = (min_parts, min_pairs, loop_forward_options, grad_options_64_rows)
+    (BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS, BIAS_LOOP_FORWARD_OPTIONS,
+     BIAS_GRAD_OPTIONS_64_ROWS) = (old if new is None else new for old, new in zip(saved, given))
     try:
         yield
     finally:
-        BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS = saved
+        BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS, BIAS_LOOP_FORWARD_OPTIONS, BIAS_GRAD_OPTIONS_64_ROWS = saved
 
 
 def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):

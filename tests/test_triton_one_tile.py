@@ -138,10 +138,19 @@ def test_default_bias_loop_rule_and_launch_options(monkeypatch, bias_kind, batch
     with_grad = {"shared": (P, 1), "per_head": (P, H), None: (P, batch * H)}[bias_kind]
     assert bwd_grid == with_grad and bwd["BIAS_GRAD"] == (bias is not None)
     assert bwd["num_warps"] == (triton_backend.BIAS_GRAD_OPTIONS_64_ROWS.get("num_warps", 4) if bias is not None else 4)
-    with triton_backend.bias_loop_thresholds(min_parts=P + 1):          # too few subgraphs: never the loop
+    with triton_backend.bias_tuning(min_parts=P + 1):          # too few subgraphs: never the loop
         triton_backend.attention_forward(q, q, q, index, lengths, bias, 0.125, False)
     assert triton_backend.LAUNCH_RECORDER[-1][3]["BIAS_LOOP"] is False
+    if bias is not None:             # bench/bias_options.py's alternatives reach the launch, and only inside
+        with triton_backend.bias_tuning(min_parts=1, min_pairs=1, loop_forward_options={"maxnreg": 200},
+                                        grad_options_64_rows={"num_warps": 8}):
+            o, lse, _ = triton_backend.attention_forward(q, q, q, index, lengths, bias, 0.125, False)
+            triton_backend.attention_backward(q, q, q, q, o, lse, index, lengths, bias, 0.125, need_dbias=True)
+        (_, _, _, fwd), (_, _, _, bwd) = triton_backend.LAUNCH_RECORDER[-2:]
+        assert fwd["BIAS_LOOP"] and fwd["maxnreg"] == 200 and bwd["num_warps"] == 8
     assert (triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_MIN_PAIRS) == (1024, 4)   # restored
+    assert (triton_backend.BIAS_LOOP_FORWARD_OPTIONS, triton_backend.BIAS_GRAD_OPTIONS_64_ROWS) == (
+        {"maxnreg": 168}, {"num_warps": 4})
 
 
 @pytest.mark.parametrize("bias_kind", ["shared", "per_head"])
