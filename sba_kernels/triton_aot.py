@@ -34,7 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -70,12 +70,15 @@ class Launch:
 
 @dataclass
 class CompileReport:
-    """What the GPU compiler decided for one launch configuration on one architecture."""
+    """What the GPU compiler decided for one launch configuration on one architecture.
+    ``config`` describes the launch for people (`Launch.describe`); ``meta`` holds its keyword
+    meta-parameters (``BLOCK``, ``num_warps``, ...) for code to match on."""
 
     kernel: str
     config: str
     arch: int
     ok: bool
+    meta: dict = field(default_factory=dict)
     error: str = ""
     registers: int = 0
     spill_stores: int = 0
@@ -98,13 +101,12 @@ class CompileReport:
     @property
     def spill_accepted(self) -> bool:
         """Whether this spill is one `triton_backend.ACCEPTED_SPILLS` declares: same kernel and
-        arch, every meta value it names in this configuration, at most its bytes each way."""
+        arch, every meta value it names equal in ``meta``, at most its bytes each way."""
         from .triton_backend import ACCEPTED_SPILLS
 
         return any(self.kernel == a["kernel"] and self.arch == a["arch"]
                    and max(self.spill_stores, self.spill_loads) <= a["max_bytes"]
-                   and all(f"{k}={v}," in self.config or self.config.endswith(f"{k}={v}]")
-                           for k, v in a["meta"].items())
+                   and all(k in self.meta and self.meta[k] == v for k, v in a["meta"].items())
                    for a in ACCEPTED_SPILLS)
 
 
@@ -271,7 +273,7 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
 
     from . import triton_kernels
 
-    config = launch.describe()
+    config, meta = launch.describe(), dict(launch.meta)
     try:
         target, signature, constexprs, attrs, options = _specialize(launch, arch)
         log = io.StringIO()
@@ -280,7 +282,8 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
             compiled = triton.compile(ASTSource(getattr(triton_kernels, launch.kernel), signature, constexprs, attrs),
                                       target=target, options=options.__dict__)
     except Exception as err:  # a compile error is the finding: report it, keep compiling the rest
-        return CompileReport(launch.kernel, config, arch, ok=False, error=f"{type(err).__name__}: {err}"[:2000])
+        return CompileReport(launch.kernel, config, arch, ok=False, meta=meta,
+                             error=f"{type(err).__name__}: {err}"[:2000])
     text = log.getvalue()
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     usage = _resource_usage(compiled.asm["cubin"])
@@ -288,7 +291,7 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
     shared = int(compiled.metadata.shared)
     warnings = [line.strip() for line in text.splitlines() if "warning" in line.lower()]
     return CompileReport(
-        launch.kernel, config, arch, ok=True, registers=usage.get("REG", 0),
+        launch.kernel, config, arch, ok=True, meta=meta, registers=usage.get("REG", 0),
         spill_stores=int(spills.group(1)) if spills else 0, spill_loads=int(spills.group(2)) if spills else 0,
         stack_bytes=usage.get("STACK", 0), local_bytes=usage.get("LOCAL", 0), shared_bytes=shared, threads=threads,
         programs_per_sm=programs_per_sm(arch, usage.get("REG", 0), threads, shared),

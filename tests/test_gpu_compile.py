@@ -55,18 +55,17 @@ def test_every_triton_kernel_is_launched_and_compiled(triton_reports):
 
 def test_only_the_declared_spill_is_accepted():
     """`CompileReport.spill_accepted` matches `triton_backend.ACCEPTED_SPILLS` exactly: kernel,
-    arch, every named meta value (``BLOCK=64`` is not ``BLOCK=640``), bytes each way."""
-    config = ("attention_bwd_one_tile[dtype=torch.float16, HEAD_DIM=64, BLOCK_D=64, BLOCK=64, HAS_BIAS=True, "
-              "BIAS_GRAD=True, SHARED_BIAS=True, PRECISION=ieee, num_warps=4]")
-    report = lambda **kw: triton_aot.CompileReport(**{**dict(kernel="attention_bwd_one_tile", config=config, arch=90,
-                                                            ok=True, spill_stores=8, spill_loads=8), **kw})
+    arch, every named meta value (``BLOCK=64`` is not ``BLOCK=640``, a missing name is no match),
+    bytes each way; the human-readable ``config`` plays no part."""
+    meta = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK=64, HAS_BIAS=True, BIAS_GRAD=True, SHARED_BIAS=True,
+                PRECISION="ieee", num_warps=4)
+    report = lambda **kw: triton_aot.CompileReport(**{**dict(kernel="attention_bwd_one_tile", config="", arch=90,
+                                                            ok=True, meta=meta, spill_stores=8, spill_loads=8), **kw})
     assert report().spill_accepted
-    assert report(config=config.replace("num_warps=4]", "SHARED_BIAS=True]").replace(", SHARED_BIAS=True,", ",")
-                  ).spill_accepted                                      # the last meta value, before "]"
+    without = lambda name: {k: v for k, v in meta.items() if k != name}
     for other in (dict(arch=80), dict(kernel="attention_fwd_one_tile"), dict(spill_stores=24), dict(spill_loads=17),
-                  dict(config=config.replace("SHARED_BIAS=True", "SHARED_BIAS=False")),
-                  dict(config=config.replace("BLOCK=64,", "BLOCK=640,")),
-                  dict(config=config.replace("BIAS_GRAD=True, ", ""))):
+                  dict(meta={**meta, "SHARED_BIAS": False}), dict(meta={**meta, "BLOCK": 640}),
+                  dict(meta=without("BIAS_GRAD"))):
         assert not report(**other).spill_accepted, other
 
 

@@ -1,6 +1,6 @@
 """Every model the training harness runs, built by name from a dataset's graph.
 
-SBATransformer and its ablations:
+SBATransformer, its ablations (one part removed or replaced) and one extension (``sba_node_id``):
   ``sba``               multiscale METIS partitions, Laplacian PE, graph bias, inter attention
   ``sba_no_inter``      without inter-subgraph attention
   ``sba_no_multiscale`` the finest partition in every layer
@@ -30,6 +30,7 @@ from ..nn.model import SBATransformer, time_embedding
 from ..graph.partitioning import multiscale_partitions, partition_graph
 from ..graph.pe import laplacian_pe
 
+# Every model built as an SBATransformer over a METIS-sized partition: what `--parallel spatial` accepts.
 SBA_VARIANTS = ("sba", "sba_no_inter", "sba_no_multiscale", "sba_no_pe", "sba_random_part", "sba_node_id")
 BASELINES = ("historical_average", "last_value", "gru", "stid", "full_attention")
 MODELS = SBA_VARIANTS + BASELINES
