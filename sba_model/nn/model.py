@@ -96,6 +96,12 @@ class SBATransformer(nn.Module):
         self.node_id = nn.Parameter(torch.zeros(num_nodes, dim)) if node_embedding else None
         self.tod = nn.Embedding(steps_per_day, dim) if steps_per_day else None
         self.dow = nn.Embedding(7, dim) if day_of_week else None
+        # The calendar is added to every node's token, the same for all nodes: at nn.Embedding's
+        # N(0, 1) start it outweighs the history embedding (norm about sqrt(dim)) and SBA models
+        # sat at one validation MAE for epochs (bench/results/los_loop_calendar_init.md).
+        for table in (self.tod, self.dow):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
         if perm is not None:
             perm = torch.as_tensor(perm).long()
             if perm.shape != (num_nodes,) or not torch.equal(perm.sort().values, torch.arange(num_nodes)):
