@@ -10,7 +10,9 @@ compiles alone, whose register counts are compiler facts, not timings; this is w
   pairs that read it (reads the bias once), and that loop's register cap;
 * the backward that sums the bias gradient: its warps and register cap (8 warps at 238-244
   registers, one program per SM, the choice from compiles; 4 warps, the choice now; a cap of
-  168 that spills). The backward is timed as forward+backward, with the backend's forward.
+  168 that spills; with Triton 3.8 or later, each pass of its pair loop a function call, 158-162
+  registers without a spill but with wgmma serialised). The backward is timed as
+  forward+backward, with the backend's forward.
 
 Workload as `scaling.py`: bf16, B = 1, H = 8, d = 64, METIS subgraphs of at most 64 on a k-NN
 graph, and a bias ``[P, M, M]`` (shared by heads) or ``[H, P, M, M]`` (per head) drawn from
@@ -45,6 +47,8 @@ BACKWARD_CHOICES = {
     "4 warps, maxnreg 255": {"num_warps": 4},
     "4 warps, maxnreg 168": {"num_warps": 4, "maxnreg": 168},
 }
+if triton_backend.pair_call_supported():
+    BACKWARD_CHOICES["4 warps, each pair a call"] = triton_backend.BIAS_GRAD_PAIR_CALL_OPTIONS
 
 
 def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:

@@ -160,6 +160,9 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
             tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
     for need_dbias in ((False, True) if bias is not None else (False,)):     # a bias can be frozen
         tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=need_dbias)
+    if bias is not None and tb.pair_call_supported():     # the loop's other form, for bench/bias_options.py
+        with tb.bias_tuning(grad_options_64_rows=tb.BIAS_GRAD_PAIR_CALL_OPTIONS):
+            tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=True)
 
 
 def _record_segment_mean(dtype: torch.dtype, channels: int) -> None:
@@ -289,7 +292,9 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
     usage = _resource_usage(compiled.asm["cubin"])
     threads = 32 * compiled.metadata.num_warps
     shared = int(compiled.metadata.shared)
-    warnings = [line.strip() for line in text.splitlines() if "warning" in line.lower()]
+    # ptxas reports some performance problems (wgmma serialised, C7510 and kin) as "info" lines.
+    warnings = [line.strip() for line in text.splitlines()
+                if "warning" in line.lower() or "performance loss" in line.lower()]
     return CompileReport(
         launch.kernel, config, arch, ok=True, meta=meta, registers=usage.get("REG", 0),
         spill_stores=int(spills.group(1)) if spills else 0, spill_loads=int(spills.group(2)) if spills else 0,

@@ -171,11 +171,23 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
 #   4 warps capped at 168 (200-330 bytes of spills). At N = 1e5 with a shared bias the cap of
 #   168 was 1.14x faster instead; the larger N decided, where the kernels, not the host, take
 #   the time. BIAS_GRAD_OPTIONS_64_ROWS names the choice (it equals `one_tile_blocks`' own 4
-#   warps) so that `bench/bias_options.py` can time the others against it.
+#   warps) so that `bench/bias_options.py` can time the others against it: launch options, and
+#   ``PAIR_CALL`` for the kernel's form of the loop. BIAS_GRAD_PAIR_CALL_OPTIONS, each pass of
+#   the loop a function call (`triton_kernels._pair_grads_call`: 158-162 registers and no spill
+#   on sm_90, wgmma serialised), is not timed yet.
 BIAS_LOOP_MIN_PARTS = 1024
 BIAS_LOOP_MIN_PAIRS = 4
 BIAS_LOOP_FORWARD_OPTIONS = {"maxnreg": 168}
 BIAS_GRAD_OPTIONS_64_ROWS = {"num_warps": 4}
+BIAS_GRAD_PAIR_CALL_OPTIONS = {"num_warps": 4, "PAIR_CALL": True}
+
+
+def pair_call_supported() -> bool:
+    """Whether this Triton compiles ``PAIR_CALL``: a non-inlined function returning a tensor.
+    Triton 3.6 and 3.7 refuse it (the returned tensor's layout does not match the function's
+    type); 3.8 and 3.9 compile it (ahead-of-time compiles for sm_90, 2026-11-26)."""
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 8)
 
 
 def uses_bias_loop(num_parts: int, pairs_per_tile: int) -> bool:
@@ -286,13 +298,16 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
     # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias).
     grid = (P, (1 if shared else H) if need_dbias else B * H)
     dbias = torch.zeros_like(bias) if need_dbias else dq
+    options = dict(BIAS_GRAD_OPTIONS_64_ROWS) if need_dbias and blk.m >= 64 else {}
+    pair_call = options.pop("PAIR_CALL", False)
+    if pair_call and not pair_call_supported():
+        raise RuntimeError(f"PAIR_CALL needs Triton 3.8 or later; this is Triton {triton.__version__}")
     _launch(kern.attention_bwd_one_tile, grid,
         q, k, v, do, lse, dq, dk, dv, dbias, bias if bias is not None else q, index, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
         *_bias_strides(bias), B, H, N, M, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
-        SHARED_BIAS=shared, PRECISION=_precision(q.dtype),
-        **blk.options(**BIAS_GRAD_OPTIONS_64_ROWS) if need_dbias and blk.m >= 64 else blk.options(),
+        SHARED_BIAS=shared, PAIR_CALL=pair_call, PRECISION=_precision(q.dtype), **blk.options(**options),
     )
     return dq, dk, dv, dbias if need_dbias else q.new_empty(0)
 

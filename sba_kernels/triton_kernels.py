@@ -423,13 +423,44 @@ def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h
     return ds
 
 
+def _pair_grads_body(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, M, bias_off, b, h,
+                     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                     s_gb, s_gn, s_gh, s_bi, H, N, qk_scale, scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """`_one_tile_grads` of (batch ``b``, head ``h``) of subgraph ``part`` from scalars alone:
+    its rows and bias tile are gathered here. ``start`` is the first slot, 0, passed in so that
+    a caller looping over pairs can hide that it is the same every pass. Returns ds."""
+    slots, mask, rows = _tile_rows(Index, part, start, length, M, BLOCK)
+    bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
+    return _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, tl.arange(0, BLOCK_D), b, h,
+                           s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                           s_gb, s_gn, s_gh, H, N, qk_scale, scale, HEAD_DIM, HAS_BIAS, PRECISION)
+
+
+# One body, two ways to run it inside the bias-gradient loop of `attention_bwd_one_tile`:
+# * inlined (`_pair_grads`): LLVM hoists every per-thread constant of the body (lane offsets
+#   of each shared-memory layout conversion, element coordinates of the masks) out of the
+#   loop, where they hold about 85 registers for the whole loop: 249-255 registers at 64 rows,
+#   bf16, d = 64 on sm_90 (compiler facts, bench/results/static/kernels.md);
+# * called (`_pair_grads_call`, ``PAIR_CALL``): a function the compiler may not inline, which
+#   Triton allows only with scalar arguments, hence the body above. Its constants are rebuilt
+#   on every call: 158-162 registers, no spill, three programs per SM. The cost: ptxas
+#   serialises the wgmma instructions of a called function (warning C7510; each 64x64x16 step
+#   waits for the one before).
+# Which is faster is for a GPU to say (`bench/bias_options.py`); BIAS_GRAD_OPTIONS_64_ROWS in
+# `triton_backend` holds the choice.
+_pair_grads = triton.jit(_pair_grads_body)
+_pair_grads_call = triton.jit(noinline=True)(_pair_grads_body)
+
+
 @triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'zero'])
 def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Lengths,
                            s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
                            s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, B, H, N, M, zero, qk_scale, scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_BIAS: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PAIR_CALL: tl.constexpr, PRECISION: tl.constexpr):
     """The whole backward of subgraphs that fit one tile (``M <= BLOCK``), in one launch.
 
     A subgraph's queries and keys are the same rows, so one program loads its q, k, v, dO and
@@ -443,18 +474,17 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
     and loops over those pairs in a fixed order: grid (P, H) looping over the batch for a
     per-head bias, (P, 1) looping over batch and heads for a ``SHARED_BIAS``. Deterministic and
     without atomics; q, k, v, dO and lse are read once, the bias tile once per pair.
+    ``PAIR_CALL``: each pass of that loop is a call (`_pair_grads_call`) rather than inlined.
     """
     part = tl.program_id(0)
     length = tl.load(Lengths + part)
-    offs_d = tl.arange(0, BLOCK_D)
-    strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh, s_gb, s_gn, s_gh)
+    strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh, s_gb, s_gn, s_gh, s_bi)
     h0 = tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H      # the bias head; 0 when shared
     bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_GRAD:
-        slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
-        bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
-        _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, (tl.program_id(1) // H).to(tl.int64),
-                        h0, *strides, H, N, qk_scale, scale, HEAD_DIM, HAS_BIAS, PRECISION)
+        _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, 0, length, M, bias_off,
+                    (tl.program_id(1) // H).to(tl.int64), h0, *strides, H, N, qk_scale, scale,
+                    HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
     else:
         heads = H if SHARED_BIAS else 1
         dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
@@ -463,11 +493,15 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
             # know it): hoisted out of the loop, their [BLOCK, BLOCK] address and mask tiles
             # would stay in registers for the whole loop and spill. So the bias tile is read
             # once per pair here (from cache after the first), not once per program.
-            pass_slots, pass_mask, pass_rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
-            bias = _one_tile_bias(Bias, bias_off, pass_slots, pass_mask, s_bi, HAS_BIAS)
-            dbias += _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, pass_mask, pass_rows, offs_d,
-                                     (i // heads).to(tl.int64), h0 + i % heads, *strides, H, N, qk_scale, scale,
-                                     HEAD_DIM, HAS_BIAS, PRECISION)
+            b, h = (i // heads).to(tl.int64), h0 + i % heads
+            if PAIR_CALL:
+                dbias += _pair_grads_call(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
+                                          bias_off, b, h, *strides, H, N, qk_scale, scale,
+                                          HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
+            else:
+                dbias += _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
+                                     bias_off, b, h, *strides, H, N, qk_scale, scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
         slots = tl.arange(0, BLOCK)
         mask = slots < length
         tl.store(DBias + _bias_tile_offsets(bias_off, slots, slots, s_bi), dbias.to(DBias.dtype.element_ty),
