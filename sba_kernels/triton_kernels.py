@@ -155,6 +155,12 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
     part, length, start, b, h = _program_tile(Lengths, TILES_PER_PART, H, BLOCK_M)
     if start >= length:
         return
+    if HAS_BIAS and BLOCK_M >= 64:
+        # The key loop runs at least once. Told so, the compiler drops a path that skips it,
+        # where ptxas found the last p.v wgmma's accumulator redefined while in flight and
+        # serialised the wgmmas (C7515; sm_90, 2-byte dtypes, a bias, 64-row tiles: the only
+        # configurations with it). Elsewhere the hint only cost registers (compile report).
+        tl.assume(length > 0)
     offs_d = tl.arange(0, BLOCK_D)
     slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, BLOCK_M)
     q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
