@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sba_kernels import triton_aot
+from sba_kernels import triton_aot, triton_backend
 from sba_kernels import triton_kernels as kern
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,33 @@ def test_one_tile_kernels_fit_three_programs_per_sm_at_head_dim_64(triton_report
     over = [f"{r.config}: {r.registers} registers, {r.threads} threads" for r in rows
             if not (r.registers <= 168 and r.threads == 128 and r.programs_per_sm >= 3)]
     assert not over, "\n".join(over)
+
+
+@COMPILE_ALL
+def test_the_bias_gradient_loop_as_calls_fits_three_programs_per_sm(triton_reports):
+    """The one-tile backward summing a bias gradient, each pass of its pair loop a call
+    (``PAIR_CALL``, Triton 3.8 or later; bf16 and fp16, d = 64, 64-row tiles, sm_90): at most
+    168 registers, no spill, three programs of 128 threads per SM. Inlined, the same loop takes
+    249-255 registers (`triton_kernels._pair_grads`)."""
+    if not triton_backend.pair_call_supported():
+        pytest.skip(f"PAIR_CALL needs Triton 3.8 or later; this is {triton.__version__}")
+    rows = [r for r in triton_reports if r.arch == 90 and r.meta.get("PAIR_CALL") and r.meta.get("BLOCK") == 64
+            and r.meta.get("HEAD_DIM") == 64 and r.meta.get("BIAS_GRAD")
+            and any(f"dtype={t}," in r.config for t in ("float16", "bfloat16"))]
+    assert len(rows) == 4, [r.config for r in rows]          # 2 dtypes x (shared, per-head) bias
+    over = [f"{r.config}: {r.registers} registers, {r.programs_per_sm} programs/SM" for r in rows
+            if not (r.registers <= 168 and r.programs_per_sm >= 3 and not r.spills)]
+    assert not over, "\n".join(over)
+
+
+@COMPILE_ALL
+def test_no_ptxas_performance_warning_but_the_declared_one(triton_reports):
+    """ptxas reports wgmma serialisation and its kin as "Potential Performance Loss" lines; none
+    may appear but in the ``PAIR_CALL`` form, whose called function's wgmmas ptxas serialises
+    (C7510), as `triton_kernels._pair_grads_call` says."""
+    warned = [f"sm_{r.arch} {r.config}: {r.ptxas_warnings}" for r in triton_reports
+              if r.ptxas_warnings and not r.meta.get("PAIR_CALL")]
+    assert not warned, "\n".join(warned[:5])
 
 
 @COMPILE_ALL
