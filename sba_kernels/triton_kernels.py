@@ -447,7 +447,7 @@ def _pair_grads_body(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, len
 # One body, two ways to run it inside the bias-gradient loop of `attention_bwd_one_tile`:
 # * inlined (`_pair_grads`): LLVM hoists every per-thread constant of the body (lane offsets
 #   of each shared-memory layout conversion, element coordinates of the masks) out of the
-#   loop, where they hold about 85 registers for the whole loop: 249-255 registers at 64 rows,
+#   loop, where they hold about 90 registers for the whole loop: 249-255 registers at 64 rows,
 #   bf16, d = 64 on sm_90 (compiler facts, bench/results/static/kernels.md);
 # * called (`_pair_grads_call`, ``PAIR_CALL``): a function the compiler may not inline, which
 #   Triton allows only with scalar arguments, hence the body above. Its constants are rebuilt
