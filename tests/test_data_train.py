@@ -85,6 +85,13 @@ BUNDLED = {"los_loop": ((2016, 207, 1), 288, "2012-03-01T00:00", 2626),
 ORIGINALS = convert.default_source()
 
 
+def _same_graph(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same edges with weights equal to the last bit or two. numpy's ``exp`` picks its SIMD kernel by
+    CPU, and the kernels round differently: on an AVX512_SPR CPU 148 of charged_mel's Gaussian weights
+    came out 1 ulp from the shipped copy (equal with ``NPY_DISABLE_CPU_FEATURES=AVX512_SPR``)."""
+    return np.array_equal(a != 0, b != 0) and np.allclose(a, b, rtol=4 * np.finfo(np.float64).eps, atol=0)
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_datasets_load_from_the_shipped_files(name, monkeypatch):
     monkeypatch.delenv("SBA_DATA_ROOT", raising=False)
@@ -129,7 +136,8 @@ def test_converter_on_the_originals_rebuilds_the_shipped_files(tmp_path, monkeyp
             keys = ["adjacency", "mask", "timestamps", "values"] + (["coords"] if name == "los_loop" else [])
             assert sorted(fresh.files) == sorted(shipped.files) == sorted(keys)
             for key in fresh.files:
-                assert fresh[key].dtype == shipped[key].dtype and np.array_equal(fresh[key], shipped[key]), (name, key)
+                same = _same_graph if key == "adjacency" else np.array_equal
+                assert fresh[key].dtype == shipped[key].dtype and same(fresh[key], shipped[key]), (name, key)
         licenses = sorted(p.name for p in (ORIGINALS / name).glob("LICENSE*"))
         assert sorted(p.name for p in shipped_file(name).parent.glob("LICENSE*")) == licenses
         for license_name in licenses:
@@ -140,7 +148,8 @@ def test_converter_on_the_originals_rebuilds_the_shipped_files(tmp_path, monkeyp
         monkeypatch.delenv("SBA_DATA_ROOT")
         copy = D.load(name)
         assert np.array_equal(live.values, copy.values) and np.array_equal(live.mask, copy.mask)
-        assert np.array_equal(live.timestamps, copy.timestamps) and (live.adjacency != copy.adjacency).nnz == 0
+        assert np.array_equal(live.timestamps, copy.timestamps)
+        assert _same_graph(live.adjacency.toarray(), copy.adjacency.toarray())
         assert (live.coords is None and copy.coords is None) or np.array_equal(live.coords, copy.coords)
 
     # volume.csv lists sites as 0, 1, 10, 11, ...: site 10 must land in column 10.

@@ -9,7 +9,9 @@ file holds exactly what ``sba_model.forecast.data.load(name)`` derives from the 
 float32 ``[T, N, C]``, ``mask`` bool, ``adjacency`` float64 ``[N, N]`` (symmetric, zero
 diagonal; the Gaussian kernel already applied where the originals hold distances) and
 ``timestamps`` int64 seconds. The graph stays float64 so that partitions and positional
-encodings do not move; it is sparse and compresses to a few kB. The upstream ``LICENSE*`` files
+encodings do not move; it is sparse and compresses to a few kB. Where the originals hold
+distances, a conversion on another CPU may differ from the shipped weights in the last bit
+(numpy's ``exp`` rounds by SIMD kernel); the edges are the same. The upstream ``LICENSE*`` files
 of ``<src>/<name>/`` are copied beside the ``.npz``; the ``README.md`` there (origin, license,
 citation) is written by hand.
 """
