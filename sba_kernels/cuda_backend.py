@@ -81,8 +81,9 @@ def _bias_4d(bias):
     return (bias.unsqueeze(0) if bias.dim() == 3 else bias).float().contiguous()
 
 
-def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
-    """o, lse and, with ``pool``, the subgraph means of o (a segment-mean kernel over o)."""
+def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool, starts=None):
+    """o, lse and, with ``pool``, the subgraph means of o (a segment-mean kernel over o). The CUDA
+    kernels always gather rows through ``index``: ``starts`` is not read."""
     o, lse = _ext().attention_forward(q, k, v, index, lengths, _bias_4d(bias), scale)
     if not pool:
         return o, lse, q.new_empty(0)
@@ -90,7 +91,7 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
     return o, lse, segment_mean_forward(o.view(B, N, H * d), index, lengths).view(B, -1, H, d)
 
 
-def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias):
+def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, starts=None):
     """dq, dk, dv and dbias (accumulated in fp32, returned in the bias's dtype) or empty."""
     dq, dk, dv, dbias = _ext().attention_backward(do.to(q.dtype), q, k, v, o, lse, index, lengths, _bias_4d(bias),
                                                   scale, need_dbias)
@@ -99,7 +100,7 @@ def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_db
     return dq, dk, dv, dbias
 
 
-def segment_mean_forward(x, index, lengths):
+def segment_mean_forward(x, index, lengths, starts=None):
     return _ext().segment_mean_forward(x, index, lengths)
 
 

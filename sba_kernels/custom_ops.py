@@ -3,13 +3,17 @@ runs a kernel module (Triton, CUDA C++) through them.
 
 A kernel module supplies four launch functions, which `KernelBackend` subclasses expose:
 
-* ``attention_forward(q, k, v, index, lengths, bias, scale, pool) -> (o, lse, z)``: q, k, v, o
-  ``[B, N, H, d]``; lse fp32 ``[B, H, N]`` in whatever log base its backward uses; with ``pool``,
-  z ``[B, P, H, d]`` the subgraph means of o, else an empty tensor;
-* ``attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+* ``attention_forward(q, k, v, index, lengths, bias, scale, pool, starts=None) -> (o, lse, z)``:
+  q, k, v, o ``[B, N, H, d]``; lse fp32 ``[B, H, N]`` in whatever log base its backward uses;
+  with ``pool``, z ``[B, P, H, d]`` the subgraph means of o, else an empty tensor;
+* ``attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, starts=None)
   -> (dq, dk, dv, dbias)``: dbias in the bias's shape and dtype, or empty when not needed;
-* ``segment_mean_forward(x, index, lengths) -> z`` and
+* ``segment_mean_forward(x, index, lengths, starts=None) -> z`` and
   ``segment_mean_backward(dz, assignment, lengths) -> dx``.
+
+``starts`` is `Partition.starts`: int32 ``[P]``, each subgraph's first node when every subgraph
+is a run of consecutive node ids, else None. A module may address rows from it instead of
+gathering through ``index`` (the Triton kernels do); ``index`` always comes too.
 
 Each op takes the backend's name as its last argument and calls that backend's launch, so one
 set of ops (shape-only fake versions for torch.compile, autograd) serves every kernel backend.
@@ -62,55 +66,58 @@ def _eager_function(name: str, body, setup_context, backward) -> type:
 
 
 # ----------------------------------------------------------------------------- attention
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor,
-                   bias: Optional[Tensor], scale: float, pool: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, starts: Optional[Tensor],
+                   assignment: Tensor, bias: Optional[Tensor], scale: float, pool: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(o, lse, z) of subgraph attention, z the subgraph means of o when ``pool`` (else empty)."""
-    return backends.get(backend).launches.attention_forward(q, k, v, index, lengths, bias, scale, pool)
+    return backends.get(backend).launches.attention_forward(q, k, v, index, lengths, bias, scale, pool,
+                                                            starts=starts)
 
 
 attention_fwd = torch.library.custom_op("sba::attention_fwd", _attention_fwd, mutates_args=())
 
 
 @attention_fwd.register_fake
-def _(q, k, v, index, lengths, assignment, bias, scale, pool, backend):
+def _(q, k, v, index, lengths, starts, assignment, bias, scale, pool, backend):
     B, N, H, d = q.shape
     z = q.new_empty((B, index.shape[0], H, d)) if pool else q.new_empty(0)
     return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32), z
 
 
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: Tensor, lengths: Tensor,
-                   bias: Optional[Tensor], scale: float, need_dbias: bool,
+                   starts: Optional[Tensor], bias: Optional[Tensor], scale: float, need_dbias: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias) from o's gradient ``do``; dbias empty unless ``need_dbias``."""
-    return backends.get(backend).launches.attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+    return backends.get(backend).launches.attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale,
+                                                             need_dbias, starts=starts)
 
 
 attention_bwd = torch.library.custom_op("sba::attention_bwd", _attention_bwd, mutates_args=())
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, backend):
+def _(do, q, k, v, o, lse, index, lengths, starts, bias, scale, need_dbias, backend):
     return (*(q.new_empty(q.shape) for _ in range(3)), bias.new_empty(bias.shape) if need_dbias else q.new_empty(0))
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, index, lengths, assignment, bias, scale, pool, backend = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], index, lengths, assignment, bias)
+    q, k, v, index, lengths, starts, assignment, bias, scale, pool, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], index, lengths, starts, assignment, bias)
     ctx.scale, ctx.pool, ctx.backend = scale, pool, backend
 
 
 def _attention_backward(ctx, do, _dlse, dz):
-    q, k, v, o, lse, index, lengths, assignment, bias = ctx.saved_tensors
+    q, k, v, o, lse, index, lengths, starts, assignment, bias = ctx.saved_tensors
     eager = _eager(do, q)
     if ctx.pool:   # z = segment mean of o, so o's whole gradient is do + dz[part(i)] / n_part(i)
         B, N, H, d = q.shape
         mean_bwd = _segment_mean_bwd if eager else segment_mean_bwd
         dz_rows = mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths, ctx.backend)
         do = do + dz_rows.view(B, N, H, d)
-    need_dbias = bias is not None and ctx.needs_input_grad[6]
+    need_dbias = bias is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dbias = (_attention_bwd if eager else attention_bwd)(
-        _rows(do), q, k, v, o, lse, index, lengths, bias, ctx.scale, need_dbias, ctx.backend)
-    return dq, dk, dv, None, None, None, dbias if need_dbias else None, None, None, None
+        _rows(do), q, k, v, o, lse, index, lengths, starts, bias, ctx.scale, need_dbias, ctx.backend)
+    return dq, dk, dv, None, None, None, None, dbias if need_dbias else None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -120,16 +127,17 @@ _EagerAttention = _eager_function("_EagerAttention", _attention_fwd, _attention_
 
 
 # ----------------------------------------------------------------------------- segment mean
-def _segment_mean_fwd(x: Tensor, index: Tensor, lengths: Tensor, assignment: Tensor, backend: str) -> Tensor:
+def _segment_mean_fwd(x: Tensor, index: Tensor, lengths: Tensor, starts: Optional[Tensor], assignment: Tensor,
+                      backend: str) -> Tensor:
     """``[B, N, C] -> [B, P, C]`` subgraph means."""
-    return backends.get(backend).launches.segment_mean_forward(x, index, lengths)
+    return backends.get(backend).launches.segment_mean_forward(x, index, lengths, starts=starts)
 
 
 segment_mean_fwd = torch.library.custom_op("sba::segment_mean_fwd", _segment_mean_fwd, mutates_args=())
 
 
 @segment_mean_fwd.register_fake
-def _(x, index, lengths, assignment, backend):
+def _(x, index, lengths, starts, assignment, backend):
     return x.new_empty((x.shape[0], index.shape[0], x.shape[2]))
 
 
@@ -147,7 +155,7 @@ def _(dz, assignment, lengths, backend):
 
 
 def _mean_setup(ctx, inputs, output):
-    _, _, lengths, assignment, backend = inputs
+    _, _, lengths, _, assignment, backend = inputs
     ctx.save_for_backward(assignment, lengths)
     ctx.backend = backend
 
@@ -155,7 +163,7 @@ def _mean_setup(ctx, inputs, output):
 def _mean_backward(ctx, dz):
     assignment, lengths = ctx.saved_tensors
     mean_bwd = _segment_mean_bwd if _eager(dz) else segment_mean_bwd
-    return mean_bwd(_rows(dz), assignment, lengths, ctx.backend), None, None, None, None
+    return mean_bwd(_rows(dz), assignment, lengths, ctx.backend), None, None, None, None, None
 
 
 segment_mean_fwd.register_autograd(_mean_backward, setup_context=_mean_setup)
@@ -186,18 +194,20 @@ class KernelBackend(Backend):
             return f"{self.name} takes head dims up to {self.max_head_dim}, got {x.shape[-1]}"
         return self.unavailable(x.device)
 
-    def _attention(self, q, k, v, index, lengths, assignment, bias, scale, pool: bool):
+    def _attention(self, q, k, v, index, lengths, starts, assignment, bias, scale, pool: bool):
         run = _EagerAttention.apply if _eager(q, k, v, bias) else attention_fwd
-        return run(_rows(q), _rows(k), _rows(v), index, lengths, assignment,
+        return run(_rows(q), _rows(k), _rows(v), index, lengths, starts, assignment,
                    None if bias is None else bias.contiguous(), scale, pool, self.name)
 
+    def _intra(self, q, k, v, partition, bias, scale, pool: bool):
+        return self._attention(q, k, v, partition.index, partition.lengths, partition.starts, partition.assignment,
+                               bias, scale, pool)
+
     def intra_attention(self, q, k, v, partition, bias, scale):
-        return self._attention(q, k, v, partition.index, partition.lengths, partition.assignment, bias, scale,
-                               pool=False)[0]
+        return self._intra(q, k, v, partition, bias, scale, pool=False)[0]
 
     def intra_attention_pooled(self, q, k, v, partition, bias, scale):
-        o, _, z = self._attention(q, k, v, partition.index, partition.lengths, partition.assignment, bias, scale,
-                                  pool=True)
+        o, _, z = self._intra(q, k, v, partition, bias, scale, pool=True)
         return o, z
 
     def inter_attention(self, q, k, v, bias, scale):
@@ -206,11 +216,12 @@ class KernelBackend(Backend):
         P = q.shape[1]
         index = torch.arange(P, dtype=torch.int32, device=q.device).unsqueeze(0)
         lengths = torch.full((1,), P, dtype=torch.int32, device=q.device)
+        starts = torch.zeros(1, dtype=torch.int32, device=q.device)       # tokens 0..P-1: one run
         assignment = torch.zeros(P, dtype=torch.long, device=q.device)
         if bias is not None:       # [P, P] -> [1, P, P];  [H, P, P] -> [H, 1, P, P]
             bias = bias.unsqueeze(-3)
-        return self._attention(q, k, v, index, lengths, assignment, bias, scale, pool=False)[0]
+        return self._attention(q, k, v, index, lengths, starts, assignment, bias, scale, pool=False)[0]
 
     def segment_mean(self, x, partition):
         run = _EagerSegmentMean.apply if _eager(x) else segment_mean_fwd
-        return run(_rows(x), partition.index, partition.lengths, partition.assignment, self.name)
+        return run(_rows(x), partition.index, partition.lengths, partition.starts, partition.assignment, self.name)

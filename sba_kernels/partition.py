@@ -7,7 +7,9 @@ A partition of N nodes into P disjoint subgraphs is held as
 * ``lengths`` int32 ``[P]``: ``n_p >= 1`` real nodes per subgraph.
 
 Every node ``0..N-1`` appears exactly once. The constructor checks all of this, so a kernel
-handed a `Partition` can trust it without re-checking.
+handed a `Partition` can trust it without re-checking. It also notes whether every subgraph is
+a run of consecutive node ids (``starts``), as the model's node order makes them: kernels then
+address a subgraph's rows from its first node instead of gathering them through ``index``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Partition:
         self._index = index.to(torch.int32, copy=True).contiguous()
         self._lengths = lengths.to(torch.int32, copy=True).contiguous()
         self._num_nodes = num_nodes
+        self._starts = _run_starts(self._index, self._lengths)
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ construction
@@ -116,6 +119,13 @@ class Partition:
         return self._lengths
 
     @property
+    def starts(self) -> Optional[torch.Tensor]:
+        """int32 ``[P]``, the first node of each subgraph, when every subgraph's slots hold
+        consecutive node ids (``index[p, s] = starts[p] + s``; the subgraphs in any order); else
+        None. Found once, when the partition is built."""
+        return self._starts
+
+    @property
     def num_nodes(self) -> int:
         """N."""
         return self._num_nodes
@@ -158,6 +168,7 @@ class Partition:
             return self
         out = Partition.__new__(Partition)       # the same checked layout: no need to check again
         out._index, out._lengths = self._index.to(device), self._lengths.to(device)
+        out._starts = None if self._starts is None else self._starts.to(device)
         out._num_nodes, out._cache = self._num_nodes, {}
         if "assignment" in self._cache:   # keep it built: traced code (torch.compile) should not build it
             out._cache["assignment"] = self._cache["assignment"].to(device)
@@ -182,6 +193,17 @@ def _as_int_tensor(x, name: str) -> torch.Tensor:
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
     return x
+
+
+def _run_starts(index: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+    """`Partition.starts` of a checked layout: ``index[:, 0]`` if every real slot ``s`` of row
+    ``p`` holds ``index[p, 0] + s``, else None."""
+    slots = torch.arange(index.shape[1], device=index.device)
+    real = slots.unsqueeze(0) < lengths.unsqueeze(1)
+    first = index[:, 0]
+    if bool(((index == first.unsqueeze(1) + slots) | ~real).all()):
+        return first.contiguous()
+    return None
 
 
 def _check_layout(index: torch.Tensor, lengths: torch.Tensor, num_nodes: int) -> None:

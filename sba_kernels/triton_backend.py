@@ -129,6 +129,13 @@ def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _node_ids(index: torch.Tensor, starts: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The kernels' ``Index`` and ``contiguous`` arguments: ``index`` ``[P, M]`` to gather
+    through, or, for a partition whose every subgraph is a run of consecutive node ids,
+    ``starts`` ``[P]`` (`Partition.starts`), each subgraph's first node."""
+    return (index, 0) if starts is None else (starts, 1)
+
+
 # ----------------------------------------------------------------------------- launches
 # When a list, launches are appended to it as (kernel, grid, args, meta) instead of run:
 # `triton_aot` records every configuration the backend launches this way, on any machine, and
@@ -143,13 +150,15 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
-def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool):
+def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool, starts=None):
     """o ``[B, N, H, d]``, lse fp32 ``[B, H, N]`` (log2 units) and, with ``pool``, the
     subgraph means of o ``[B, P, H, d]`` from the kernel's epilogue (else an empty tensor):
-    `_forward_one_tile` when every subgraph fits one tile, else `_forward_tiled`."""
+    `_forward_one_tile` when every subgraph fits one tile, else `_forward_tiled`. With
+    ``starts``, the one-tile kernels address rows from each subgraph's first node (`_node_ids`);
+    the tiled kernels always gather through ``index``."""
     blk = one_tile_blocks(index.shape[1], q.shape[3], q.dtype)
     if blk is not None:
-        return _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool)
+        return _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool, starts)
     return _forward_tiled(q, k, v, index, lengths, bias, scale, pool)
 
 
@@ -224,7 +233,7 @@ def bias_tuning(min_parts: Optional[int] = None, min_pairs: Optional[int] = None
         BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS, BIAS_LOOP_FORWARD_OPTIONS, BIAS_GRAD_OPTIONS_64_ROWS = saved
 
 
-def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
+def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, starts):
     """One program per subgraph and (batch, head), or per bias tile (`uses_bias_loop`):
     `triton_kernels.attention_fwd_one_tile`."""
     B, N, H, d = q.shape
@@ -234,10 +243,11 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool):
     pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
     shared = bias is not None and bias.dim() == 3
     bias_loop = uses_bias_loop(P, 0 if bias is None else B * H if shared else B)
+    ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),
-        q, k, v, o, lse, pooled, bias if bias is not None else q, index, lengths,
+        q, k, v, o, lse, pooled, bias if bias is not None else q, ids, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
-        *_bias_strides(bias), B, H, N, M, P, int(pool), 0, scale * LOG2E,
+        *_bias_strides(bias), B, H, N, M, contiguous, P, int(pool), 0, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_LOOP=bias_loop,
         SHARED_BIAS=shared, PRECISION=_precision(q.dtype),
         **blk.options(**BIAS_LOOP_FORWARD_OPTIONS) if bias_loop else blk.options(),
@@ -260,7 +270,7 @@ def _forward_tiled(q, k, v, index, lengths, bias, scale, pool: bool):
     _launch(kern.attention_fwd, (P * q_tiles, B * H),
         q, k, v, o, lse, shares if pool else lse, bias if bias is not None else q, index, lengths, q_tiles,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
-        *_bias_strides(bias), H, N, index.shape[1], int(pool), scale * LOG2E,
+        *_bias_strides(bias), H, N, M, int(pool), scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, HAS_BIAS=bias is not None,
         PRECISION=_precision(q.dtype), **blk.options(),
     )
@@ -280,16 +290,16 @@ def one_tile_blocks(max_len: int, head_dim: int, dtype: torch.dtype) -> Optional
     return Blocks(m=tile, n=tile, d=d, num_warps=4, num_stages=1)
 
 
-def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool):
+def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None):
     """dq, dk, dv (contiguous) and dbias (or an empty tensor): `_backward_one_tile` when every
-    subgraph fits one tile, else `_backward_tiled`."""
+    subgraph fits one tile, else `_backward_tiled`. ``starts`` as in `attention_forward`."""
     blk = one_tile_blocks(index.shape[1], q.shape[3], q.dtype)
     if blk is not None:
-        return _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias)
+        return _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias, starts)
     return _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
 
 
-def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool):
+def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool, starts):
     """One launch: each program does whole subgraphs (`triton_kernels.attention_bwd_one_tile`)."""
     B, N, H, d = q.shape
     P, M = index.shape
@@ -302,10 +312,11 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
     pair_call = options.pop("PAIR_CALL", False)
     if pair_call and not pair_call_supported():
         raise RuntimeError(f"PAIR_CALL needs Triton 3.8 or later; this is Triton {triton.__version__}")
+    ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_bwd_one_tile, grid,
-        q, k, v, do, lse, dq, dk, dv, dbias, bias if bias is not None else q, index, lengths,
+        q, k, v, do, lse, dq, dk, dv, dbias, bias if bias is not None else q, ids, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
-        *_bias_strides(bias), B, H, N, M, 0, scale * LOG2E, scale,
+        *_bias_strides(bias), B, H, N, M, contiguous, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
         SHARED_BIAS=shared, PAIR_CALL=pair_call, PRECISION=_precision(q.dtype), **blk.options(**options),
     )
@@ -356,14 +367,15 @@ def _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias
     return dq, dk, dv, dbias
 
 
-def segment_mean_forward(x, index, lengths):
-    """``[B, N, C] -> [B, P, C]`` subgraph means."""
+def segment_mean_forward(x, index, lengths, starts=None):
+    """``[B, N, C] -> [B, P, C]`` subgraph means; ``starts`` as in `attention_forward`."""
     B, _, C = x.shape
     P, M = index.shape
     z = _new((B, P, C), x.dtype, x.device)
     block_c = min(128, max(16, triton.next_power_of_2(C)))
+    ids, contiguous = _node_ids(index, starts)
     _launch(kern.segment_mean_fwd, (P, B, triton.cdiv(C, block_c)),
-        x, z, index, lengths, x.stride(0), x.stride(1), z.stride(0), z.stride(1), C, M,
+        x, z, ids, lengths, x.stride(0), x.stride(1), z.stride(0), z.stride(1), C, M, contiguous,
         BLOCK_R=32, BLOCK_C=block_c,
     )
     return z

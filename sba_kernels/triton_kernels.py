@@ -16,7 +16,12 @@ shared by every attention kernel:
 
 * node tensors are ``[B, N, H, d]`` with the last dim contiguous; offsets are int64;
 * a tile's rows are gathered through ``index[part, slot]``: slot ``s`` of subgraph ``p`` is
-  node ``index[p, s]``; slots ``>= lengths[p]`` are masked out;
+  node ``index[p, s]``; slots ``>= lengths[p]`` are masked out. The one-tile kernels and the
+  segment mean take a runtime flag ``contiguous``: when every subgraph is a run of consecutive
+  node ids (the model's node order makes them so), ``Index`` holds each subgraph's first node
+  ``[P]`` instead and slot ``s`` is node ``first[p] + s``, one scalar load in place of a tile
+  of ids (`_tile_rows`). The tiled kernels always gather: their loops sit at the register
+  limit, and the flag made some of them spill (fp32 dQ at head dim 128, ahead-of-time compiles);
 * scores live in log2 units (``scale * log2(e)`` folded into one multiplier) so the softmax
   uses ``exp2``; the saved log-sum-exp ``lse`` is in the same units, fp32 ``[B, H, N]``;
 * the bias is indexed by slot: ``bias[h, p, i, j]`` at ``h * s_bh + p * s_bp + i * s_bi + j``
@@ -56,12 +61,18 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(Index, part, start, length, M, BLOCK: tl.constexpr):
-    """Slots ``start..start+BLOCK`` of subgraph ``part``: (slots, mask, node ids as int64)."""
+def _tile_rows(Index, part, start, length, M, contiguous, BLOCK: tl.constexpr):
+    """Slots ``start..start+BLOCK`` of subgraph ``part``: (slots, mask, node ids as int64).
+    ``Index`` is the ``[P, M]`` node ids, or with ``contiguous`` the ``[P]`` first node ids;
+    then the ids of masked slots run past the subgraph (every use of them is masked). Of the
+    two loads, the one not wanted is fully masked: it moves no memory."""
     slots = start + tl.arange(0, BLOCK)
     mask = slots < length
-    rows = tl.load(Index + part.to(tl.int64) * M + slots, mask=mask, other=0).to(tl.int64)
-    return slots, mask, rows
+    # A [BLOCK] flag, not a scalar: Triton's interpreter makes a bool tensor & a scalar bool ints.
+    gathered = tl.full([BLOCK], contiguous, tl.int32) == 0
+    first = tl.load(Index + part, mask=contiguous != 0, other=0)
+    ids = tl.load(Index + part.to(tl.int64) * M + slots, mask=mask & gathered, other=0)
+    return slots, mask, (ids + tl.where(gathered, 0, first + slots)).to(tl.int64)
 
 
 @triton.jit
@@ -146,11 +157,12 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
                   BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile of one subgraph for one (batch, head): online softmax over its keys.
 
-    With ``pool`` (a runtime flag: one compiled kernel serves both uses), the epilogue also writes the tile's share of its subgraph's mean output,
-    ``sum_{i in tile} o_i / n_p``, fp32, to ``Pooled[b, program_id(0), h, :]`` (a contiguous
-    ``[B, P x TILES_PER_PART, H, HEAD_DIM]`` buffer): summing over a subgraph's tiles gives
-    its pooled token without reading o back. Tiles past a subgraph's end write nothing; the
-    caller zeroes the buffer when a subgraph can span several tiles.
+    With ``pool`` (a runtime flag: one compiled kernel serves both uses), the epilogue also
+    writes the tile's share of its subgraph's mean output, ``sum_{i in tile} o_i / n_p``, fp32,
+    to ``Pooled[b, program_id(0), h, :]`` (a contiguous ``[B, P x TILES_PER_PART, H, HEAD_DIM]``
+    buffer): summing over a subgraph's tiles gives its pooled token without reading o back.
+    Tiles past a subgraph's end write nothing; the caller zeroes the buffer when a subgraph can
+    span several tiles.
     """
     part, length, start, b, h = _program_tile(Lengths, TILES_PER_PART, H, BLOCK_M)
     if start >= length:
@@ -162,7 +174,7 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
         # configurations with it). Elsewhere the hint only cost registers (compile report).
         tl.assume(length > 0)
     offs_d = tl.arange(0, BLOCK_D)
-    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, BLOCK_M)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, 0, BLOCK_M)
     q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
     bias_off = h.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
 
@@ -170,7 +182,7 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, length, BLOCK_N):
-        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
+        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, 0, BLOCK_N)
         k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
         v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
         s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
@@ -230,10 +242,10 @@ def _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, b, h, pa
         tl.store(Pooled + ((b * P + part) * H + h) * HEAD_DIM + offs_d, mean, mask=offs_d < HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'P', 'pool', 'zero'])
+@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'contiguous', 'P', 'pool', 'zero'])
 def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
                            s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
-                           s_bh, s_bp, s_bi, B, H, N, M, P, pool, zero, qk_scale,
+                           s_bh, s_bp, s_bi, B, H, N, M, contiguous, P, pool, zero, qk_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BIAS_LOOP: tl.constexpr, SHARED_BIAS: tl.constexpr,
                            PRECISION: tl.constexpr):
@@ -252,7 +264,7 @@ def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
     h0 = tl.program_id(1) if BIAS_LOOP else tl.program_id(1) % H      # the bias head; 0 when shared
     bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_LOOP:
-        slots, mask, rows = _tile_rows(Index, part, 0, length, M, BLOCK)
+        slots, mask, rows = _tile_rows(Index, part, 0, length, M, contiguous, BLOCK)
         bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
         _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, (tl.program_id(1) // H).to(tl.int64),
                          h0, part, length, *strides, H, N, P, pool, qk_scale, HEAD_DIM, HAS_BIAS, PRECISION)
@@ -264,7 +276,7 @@ def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
             # ``i * zero`` is 0, but the compiler cannot know it: the rows' address and mask
             # tiles are rebuilt each pass instead of hoisted out of the loop, where they would
             # hold registers for the whole loop and spill.
-            _, pass_mask, pass_rows = _tile_rows(Index, part, i * zero, length, M, BLOCK)
+            _, pass_mask, pass_rows = _tile_rows(Index, part, i * zero, length, M, contiguous, BLOCK)
             _one_tile_output(Q, K, V, O, LSE, Pooled, bias, pass_mask, pass_rows, offs_d, (i // heads).to(tl.int64),
                              h0 + i % heads, part, length, *strides, H, N, P, pool, qk_scale,
                              HEAD_DIM, HAS_BIAS, PRECISION)
@@ -297,7 +309,7 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
     if start >= length:
         return
     offs_d = tl.arange(0, BLOCK_D)
-    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, BLOCK_M)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, 0, BLOCK_M)
     q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
     do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
     lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
@@ -306,7 +318,7 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, length, BLOCK_N):
-        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
+        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, 0, BLOCK_N)
         k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
         v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
         _, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
@@ -330,7 +342,7 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
     if start >= length:
         return
     offs_d = tl.arange(0, BLOCK_D)
-    slots_n, mask_n, rows_n = _tile_rows(Index, part, start, length, M, BLOCK_N)
+    slots_n, mask_n, rows_n = _tile_rows(Index, part, start, length, M, 0, BLOCK_N)
     k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
     v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
     bias_off = h.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
@@ -338,7 +350,7 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for q_start in range(0, length, BLOCK_M):
-        slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, BLOCK_M)
+        slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, 0, BLOCK_M)
         q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
         do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
         lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
@@ -374,8 +386,8 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
         return
     hb = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
-    slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, BLOCK_M)
-    slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, BLOCK_N)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, 0, BLOCK_M)
+    slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, 0, BLOCK_N)
     bias_off = hb.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for i in range(0, B * HEADS_SUMMED):
@@ -429,7 +441,7 @@ def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h
     return ds
 
 
-def _pair_grads_body(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, M, bias_off, b, h,
+def _pair_grads_body(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, M, contiguous, bias_off, b, h,
                      s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
                      s_gb, s_gn, s_gh, s_bi, H, N, qk_scale, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
@@ -437,7 +449,7 @@ def _pair_grads_body(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, len
     """`_one_tile_grads` of (batch ``b``, head ``h``) of subgraph ``part`` from scalars alone:
     its rows and bias tile are gathered here. ``start`` is the first slot, 0, passed in so that
     a caller looping over pairs can hide that it is the same every pass. Returns ds."""
-    slots, mask, rows = _tile_rows(Index, part, start, length, M, BLOCK)
+    slots, mask, rows = _tile_rows(Index, part, start, length, M, contiguous, BLOCK)
     bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
     return _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, tl.arange(0, BLOCK_D), b, h,
                            s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
@@ -460,10 +472,10 @@ _pair_grads = triton.jit(_pair_grads_body)
 _pair_grads_call = triton.jit(noinline=True)(_pair_grads_body)
 
 
-@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'zero'])
+@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'contiguous', 'zero'])
 def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Lengths,
                            s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-                           s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, B, H, N, M, zero, qk_scale, scale,
+                           s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, B, H, N, M, contiguous, zero, qk_scale, scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_BIAS: tl.constexpr,
                            PAIR_CALL: tl.constexpr, PRECISION: tl.constexpr):
@@ -488,7 +500,7 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
     h0 = tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H      # the bias head; 0 when shared
     bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_GRAD:
-        _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, 0, length, M, bias_off,
+        _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, 0, length, M, contiguous, bias_off,
                     (tl.program_id(1) // H).to(tl.int64), h0, *strides, H, N, qk_scale, scale,
                     HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
     else:
@@ -502,11 +514,11 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
             b, h = (i // heads).to(tl.int64), h0 + i % heads
             if PAIR_CALL:
                 dbias += _pair_grads_call(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
-                                          bias_off, b, h, *strides, H, N, qk_scale, scale,
+                                          contiguous, bias_off, b, h, *strides, H, N, qk_scale, scale,
                                           HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
             else:
                 dbias += _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
-                                     bias_off, b, h, *strides, H, N, qk_scale, scale,
+                                     contiguous, bias_off, b, h, *strides, H, N, qk_scale, scale,
                                      HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
         slots = tl.arange(0, BLOCK)
         mask = slots < length
@@ -515,8 +527,8 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
 
 
 # ----------------------------------------------------------------------------- segment mean
-@triton.jit(do_not_specialize=['C', 'M'])
-def segment_mean_fwd(X, Z, Index, Lengths, s_xb, s_xn, s_zb, s_zp, C, M,
+@triton.jit(do_not_specialize=['C', 'M', 'contiguous'])
+def segment_mean_fwd(X, Z, Index, Lengths, s_xb, s_xn, s_zb, s_zp, C, M, contiguous,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``z[b, p, c] = mean_{i in S_p} x[b, i, c]``. Grid: (P, B, channel blocks)."""
     part = tl.program_id(0)
@@ -526,7 +538,7 @@ def segment_mean_fwd(X, Z, Index, Lengths, s_xb, s_xn, s_zb, s_zp, C, M,
     length = tl.load(Lengths + part)
     acc = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, length, BLOCK_R):
-        _, mask_r, rows = _tile_rows(Index, part, start, length, M, BLOCK_R)
+        _, mask_r, rows = _tile_rows(Index, part, start, length, M, contiguous, BLOCK_R)
         x = tl.load(X + b * s_xb + rows[:, None] * s_xn + offs_c[None, :],
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)

@@ -12,10 +12,11 @@ from sba_kernels import Partition
 
 
 def random_partition(num_nodes: int, *, max_size: int, generator: torch.Generator,
-                     giant: int = 0) -> Partition:
+                     giant: int = 0, contiguous: bool = False) -> Partition:
     """Ragged partition of a random node order: sizes drawn from 1..max_size (singletons
-    included), plus one ``giant`` subgraph when ``giant > 0``; rows are shuffled."""
-    order = torch.randperm(num_nodes, generator=generator)
+    included), plus one ``giant`` subgraph when ``giant > 0``; rows are shuffled. With
+    ``contiguous``, of the node order 0..N-1 instead: every subgraph a run of consecutive ids."""
+    order = torch.arange(num_nodes) if contiguous else torch.randperm(num_nodes, generator=generator)
     sizes, left = [], num_nodes
     if giant:
         sizes.append(min(giant, left))
