@@ -81,9 +81,10 @@ def _bias_4d(bias):
     return (bias.unsqueeze(0) if bias.dim() == 3 else bias).float().contiguous()
 
 
+# The CUDA kernels always gather rows through ``index``: the launches below take ``starts``
+# (`custom_ops`' protocol) and do not read it.
 def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool, starts=None):
-    """o, lse and, with ``pool``, the subgraph means of o (a segment-mean kernel over o). The CUDA
-    kernels always gather rows through ``index``: ``starts`` is not read."""
+    """o, lse and, with ``pool``, the subgraph means of o (a segment-mean kernel over o)."""
     o, lse = _ext().attention_forward(q, k, v, index, lengths, _bias_4d(bias), scale)
     if not pool:
         return o, lse, q.new_empty(0)

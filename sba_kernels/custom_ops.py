@@ -13,7 +13,8 @@ A kernel module supplies four launch functions, which `KernelBackend` subclasses
 
 ``starts`` is `Partition.starts`: int32 ``[P]``, each subgraph's first node when every subgraph
 is a run of consecutive node ids, else None. A module may address rows from it instead of
-gathering through ``index`` (the Triton kernels do); ``index`` always comes too.
+gathering through ``index`` (the Triton one-tile kernels and segment mean do); ``index`` always
+comes too.
 
 Each op takes the backend's name as its last argument and calls that backend's launch, so one
 set of ops (shape-only fake versions for torch.compile, autograd) serves every kernel backend.

@@ -8,8 +8,9 @@ A partition of N nodes into P disjoint subgraphs is held as
 
 Every node ``0..N-1`` appears exactly once. The constructor checks all of this, so a kernel
 handed a `Partition` can trust it without re-checking. It also notes whether every subgraph is
-a run of consecutive node ids (``starts``), as the model's node order makes them: kernels then
-address a subgraph's rows from its first node instead of gathering them through ``index``.
+a run of consecutive node ids (``starts``), as the model's node order makes them: the Triton
+one-tile kernels and segment mean then address a subgraph's rows from its first node instead of
+gathering them through ``index``.
 """
 
 from __future__ import annotations

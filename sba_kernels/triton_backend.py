@@ -207,8 +207,8 @@ def uses_bias_loop(num_parts: int, pairs_per_tile: int) -> bool:
 
 # The one spill a GPU timing chose over spill-free launches (BIAS_GRAD_OPTIONS_64_ROWS above):
 # the one-tile backward summing a shared bias's gradient, 64-row tiles, 4 warps, on sm_90, which
-# stores and loads 4 bytes (8 when it was timed). The compile check (`triton_aot.spill_accepted`) refuses every other
-# spill, and this one past ``max_bytes``.
+# stores and loads 4 bytes (8 when it was timed). The compile check (`triton_aot.spill_accepted`)
+# refuses every other spill, and this one past ``max_bytes``.
 ACCEPTED_SPILLS = (
     {"kernel": "attention_bwd_one_tile", "arch": 90, "max_bytes": 16,
      "meta": {"BIAS_GRAD": True, "SHARED_BIAS": True, "BLOCK": 64}},

@@ -174,7 +174,7 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
         # configurations with it). Elsewhere the hint only cost registers (compile report).
         tl.assume(length > 0)
     offs_d = tl.arange(0, BLOCK_D)
-    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, 0, BLOCK_M)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, contiguous=0, BLOCK=BLOCK_M)
     q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
     bias_off = h.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
 
@@ -182,7 +182,7 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, length, BLOCK_N):
-        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, 0, BLOCK_N)
+        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, contiguous=0, BLOCK=BLOCK_N)
         k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
         v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
         s = _scores(q, k, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi, qk_scale, HAS_BIAS, PRECISION)
@@ -309,7 +309,7 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
     if start >= length:
         return
     offs_d = tl.arange(0, BLOCK_D)
-    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, 0, BLOCK_M)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, start, length, M, contiguous=0, BLOCK=BLOCK_M)
     q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
     do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
     lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
@@ -318,7 +318,7 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Bias, Index, Lengths, TILES_PE
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, length, BLOCK_N):
-        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, 0, BLOCK_N)
+        slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, contiguous=0, BLOCK=BLOCK_N)
         k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
         v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
         _, ds = _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, mask_m, mask_n, s_bi,
@@ -342,7 +342,7 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
     if start >= length:
         return
     offs_d = tl.arange(0, BLOCK_D)
-    slots_n, mask_n, rows_n = _tile_rows(Index, part, start, length, M, 0, BLOCK_N)
+    slots_n, mask_n, rows_n = _tile_rows(Index, part, start, length, M, contiguous=0, BLOCK=BLOCK_N)
     k = _load_rows(K + b * s_kb + h * s_kh, rows_n, s_kn, mask_n, offs_d, HEAD_DIM)
     v = _load_rows(V + b * s_vb + h * s_vh, rows_n, s_vn, mask_n, offs_d, HEAD_DIM)
     bias_off = h.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
@@ -350,7 +350,7 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, Bias, Index, Lengths, TI
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for q_start in range(0, length, BLOCK_M):
-        slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, 0, BLOCK_M)
+        slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, contiguous=0, BLOCK=BLOCK_M)
         q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, s_qn, mask_m, offs_d, HEAD_DIM)
         do = _load_rows(DO + b * s_db + h * s_dh, rows_m, s_dn, mask_m, offs_d, HEAD_DIM)
         lse = tl.load(LSE + (b * H + h) * N + rows_m, mask=mask_m, other=0.0)
@@ -386,8 +386,8 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
         return
     hb = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
-    slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, 0, BLOCK_M)
-    slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, 0, BLOCK_N)
+    slots_m, mask_m, rows_m = _tile_rows(Index, part, q_start, length, M, contiguous=0, BLOCK=BLOCK_M)
+    slots_n, mask_n, rows_n = _tile_rows(Index, part, k_start, length, M, contiguous=0, BLOCK=BLOCK_N)
     bias_off = hb.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for i in range(0, B * HEADS_SUMMED):

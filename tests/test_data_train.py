@@ -86,7 +86,7 @@ ORIGINALS = convert.default_source()
 
 
 def _same_graph(a: np.ndarray, b: np.ndarray) -> bool:
-    """The same edges with weights equal to the last bit or two. numpy's ``exp`` picks its SIMD kernel by
+    """The same edges with weights equal but for a few ulps. numpy's ``exp`` picks its SIMD kernel by
     CPU, and the kernels round differently: on an AVX512_SPR CPU 148 of charged_mel's Gaussian weights
     came out 1 ulp from the shipped copy (equal with ``NPY_DISABLE_CPU_FEATURES=AVX512_SPR``)."""
     return np.array_equal(a != 0, b != 0) and np.allclose(a, b, rtol=4 * np.finfo(np.float64).eps, atol=0)

@@ -153,6 +153,9 @@ def test_plan_rejects_partitions_that_are_not_nested_runs():
     scattered = sk.Partition.from_assignment(torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="contiguous run"):
         sd.plan_spatial([scattered], 2)
+    runs_out_of_order = sk.Partition.from_parts([[2, 3], [0, 1]])
+    with pytest.raises(ValueError, match="contiguous run"):
+        sd.plan_spatial([runs_out_of_order], 2)
     with pytest.raises(TypeError, match="partitions must be"):
         sd.plan_spatial([], 2)
 

@@ -59,9 +59,12 @@ def test_intra_forward_and_backward_on_any_partition(n, max_size, giant, batch, 
         triton_backend.POISON = False
 
 
-def test_torch_compile_fullgraph_traces_sbattention_forward_and_backward():
+@pytest.mark.parametrize("contiguous", [False, True], ids=["gathered", "contiguous"])
+def test_torch_compile_fullgraph_traces_sbattention_forward_and_backward(contiguous):
     torch.manual_seed(0)
-    part = sk.Partition.from_assignment(torch.randint(0, 6, (48,)))
+    assignment = torch.arange(48) // 8 if contiguous else torch.randint(0, 6, (48,))
+    part = sk.Partition.from_assignment(assignment)
+    assert (part.starts is not None) == contiguous
     layer = SBAttention(32, 2, part, backend="triton").to(DEVICE)
     x = torch.randn(2, 48, 32, device=DEVICE, requires_grad=True)
     # aot_eager traces forward and backward graphs (no graph breaks allowed with fullgraph)

@@ -115,13 +115,14 @@ class SpatialPlan:
 def _runs(partition: Partition) -> tuple[torch.Tensor, torch.Tensor]:
     """First and one-past-last node id of each subgraph ``[P]``, ValueError unless every
     subgraph is a contiguous run and the runs are in subgraph order."""
-    index, lengths = partition.index.long().cpu(), partition.lengths.long().cpu()
-    first = index[:, 0].contiguous()
-    last = index.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-    if int(first[0]) != 0 or not torch.equal(first[1:], last[:-1] + 1) or not torch.equal(last - first + 1, lengths):
+    first = partition.starts                       # None unless every subgraph is a run of ids
+    if first is not None:
+        first = first.long().cpu()
+        end = first + partition.lengths.long().cpu()
+    if first is None or int(first[0]) != 0 or not torch.equal(first[1:], end[:-1]):
         raise ValueError("partitions must be nested multiscale partitions in their internal node order "
                          "(sba_model.multiscale_partitions): every subgraph a contiguous run of ids, in order")
-    return first, last + 1
+    return first, end
 
 
 def plan_spatial(partitions: Sequence[Partition], world_size: int) -> SpatialPlan:
