@@ -66,10 +66,12 @@ for s in $stages; do
                 stage "sanitize-$tool" "sanitize-$tool.log" \
                     compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/cuda_small_case.py
             done ;;
-        kernels)    # first timings: triton, cuda and torch backends, N = 10k and 100k, M = 32, 64, 128
+        kernels)    # first timings: triton (contiguous and gathered rows), cuda and torch backends,
+                    # N = 10k and 100k, M = 32, 64, 128
             for m in 32 64 128; do
                 stage "kernels-m$m" "kernels-m$m.log" python3 bench/scaling.py --n 10000 100000 --subgraph-size "$m" \
-                    --dtype bf16 --out "$OUT/kernels-m$m" --methods 'intra[triton]' 'intra[cuda]' 'intra[torch]' \
+                    --dtype bf16 --out "$OUT/kernels-m$m" --methods 'intra[triton]' 'intra_gathered[triton]' \
+                    'intra[cuda]' 'intra[torch]' \
                     'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
         sweep)      # the main job at full size

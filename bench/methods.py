@@ -4,6 +4,9 @@ done once, outside the timed region.
 
 Same work as SBA's intra-subgraph attention (block-diagonal attention):
   ``intra[<backend>]``  sba_kernels.intra_attention
+  ``intra_gathered[triton]``  the same with each subgraph's nodes listed in descending order: no
+                        subgraph is a run, so the Triton kernels gather rows through ``index``
+                        where ``intra[triton]`` takes the contiguous path (`Partition.starts`)
   ``sdpa_dense_mask``   SDPA with a dense ``[N, N]`` block-diagonal boolean mask
   ``sdpa_padded``       subgraphs gathered into a padded ``[B*P, H, M, d]`` batch, key padding masked
   ``flex_document``     FlexAttention with a document BlockMask, compiled
@@ -41,6 +44,24 @@ def _bhnd(t: torch.Tensor) -> torch.Tensor:
 def intra(backend: str):
     def build(q, k, v, partition: Partition) -> Method:
         return lambda q, k, v: sk.intra_attention(q, k, v, partition, backend=backend)
+    return build
+
+
+def reversed_runs(partition: Partition) -> Partition:
+    """The same subgraphs over the same nodes, each listed in descending node order. Attention
+    within a subgraph does not depend on the order its nodes are listed in, so the work and the
+    memory read are the contiguous partition's, but no subgraph of two or more nodes is a run
+    (``starts`` is None): the kernels gather."""
+    index, lengths = partition.index.long(), partition.lengths.long()
+    slots = torch.arange(index.shape[1], device=index.device)
+    real = slots < lengths[:, None]
+    mirrored = index.gather(1, torch.where(real, lengths[:, None] - 1 - slots, 0))
+    return Partition(torch.where(real, mirrored, -1), lengths, partition.num_nodes)
+
+
+def intra_gathered(backend: str):
+    def build(q, k, v, partition: Partition) -> Method:
+        return intra(backend)(q, k, v, reversed_runs(partition))
     return build
 
 
@@ -189,6 +210,8 @@ def registry(device: str, levels: Sequence[Partition] = ()) -> dict[str, Callabl
     methods: dict[str, Callable] = {}
     for b in backends:
         methods[f"intra[{b}]"] = intra(b)
+    if "triton" in backends:
+        methods["intra_gathered[triton]"] = intra_gathered("triton")
     for b in backends:
         methods[f"sba_layer[{b}]"] = sba_layer(b, levels)
         methods[f"sba_layer.intra[{b}]"] = sba_layer_intra(b, levels)

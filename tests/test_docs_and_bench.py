@@ -172,6 +172,25 @@ def test_tile_report_writes_the_table(tmp_path):
             assert forward.startswith(f"tiled forward: {-(-plain_largest // 64)} x 64 rows")
 
 
+def test_reversed_runs_keep_the_work_and_drop_the_runs():
+    """`intra_gathered[triton]` times the gather path on the contiguous layout's own work: the
+    same subgraphs, each listed backwards, give the same attention output."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    import sba_kernels as sk
+    from methods import reversed_runs
+    from workload import build_runs_layout
+
+    runs, _ = build_runs_layout(150, 16)
+    assert runs.starts is not None
+    backwards = reversed_runs(runs)
+    assert backwards.starts is None and backwards.num_nodes == runs.num_nodes
+    assert [list(reversed(p)) for p in runs.parts()] == backwards.parts()
+    q, k, v = torch.randn(3, 1, 150, 2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(sk.intra_attention(q, k, v, runs, backend="torch"),
+                          sk.intra_attention(q, k, v, backwards, backend="torch"), rtol=1e-12, atol=1e-12)
+
+
 def test_flex_document_block_mask_from_block_ranges():
     """The benchmark's FlexAttention mask, built from block ranges in O(N / block), covers the
     same blocks as `create_block_mask` evaluating every pair, and a partition whose subgraphs
