@@ -3,7 +3,7 @@ torch.compile tracing through the registered ops."""
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import sba_kernels as sk
@@ -29,6 +29,10 @@ pytestmark = pytest.mark.gpu     # on a GPU, gpu_check.sh runs these on the devi
     scale=st.floats(0.05, 3.0),
     seed=st.integers(0, 2**31 - 1),
 )
+# Two nodes, nearly one-hot softmax: the q and k gradients vanish but their fp32 rounding does not
+# (4.4e-5 absolute, against 2e-5 before the floor below scaled with scale * sqrt(d)).
+@example(n=2, max_size=8, giant=31, batch=1, heads=3, head_dim=32, bias_kind="per_head",
+         scale=2.7478448516305876, seed=7515)
 def test_intra_forward_and_backward_on_any_partition(n, max_size, giant, batch, heads, head_dim, bias_kind,
                                                      scale, seed):
     triton_backend.POISON = True
@@ -53,8 +57,12 @@ def test_intra_forward_and_backward_on_any_partition(n, max_size, giant, batch, 
         out.backward(grad.to(DEVICE, torch.float32))
         expect.backward(grad)
         assert rel_err(out.cpu(), expect) <= 1e-5
-        for a, b in zip(ours, ref):
-            assert rel_err(a.grad.cpu(), b.grad, floor=1.0) <= 2e-5
+        # ds = p * (dp - rowsum(p * dp)) rounds to about eps * |dp| in fp32 however small ds is, and
+        # dq, dk carry it times scale * |k| (|k| ~ sqrt(d)): where p is nearly one-hot their true
+        # value vanishes and that rounding is what is left, so their floor scales with it.
+        floors = [max(1.0, scale * head_dim ** 0.5)] * 2 + [1.0] * (len(ours) - 2)
+        for a, b, floor in zip(ours, ref, floors):
+            assert rel_err(a.grad.cpu(), b.grad, floor=floor) <= 2e-5
     finally:
         triton_backend.POISON = False
 
