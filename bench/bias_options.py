@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Config, build_layout, make_inputs  # noqa: E402
+from workload import Config, build_layout, intra_passes, make_inputs  # noqa: E402
 
-import sba_kernels as sk  # noqa: E402
 from sba_kernels import triton_backend  # noqa: E402
 
 # name -> (whether the bias loop runs, BIAS_LOOP_FORWARD_OPTIONS)
@@ -60,17 +59,8 @@ def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:
     P, M = partition.index.shape
     shape = (P, M, M) if bias_kind == "shared" else (cfg.heads, P, M, M)
     bias = torch.randn(shape, device="cuda", dtype=cfg.torch_dtype, requires_grad=True)
-    grad = torch.randn_like(q)
-
-    def forward():
-        with torch.no_grad():
-            sk.intra_attention(q, k, v, partition, bias=bias, backend="triton")
-
-    def forward_backward():
-        for t in (q, k, v, bias):
-            t.grad = None
-        sk.intra_attention(q, k, v, partition, bias=bias, backend="triton").backward(grad)
-
+    passes = intra_passes(q, k, v, partition, bias, torch.randn_like(q))
+    forward, forward_backward = passes["forward"], passes["forward+backward"]
     never = 2**62
     times: list[tuple[str, str, float]] = []
     for name, (loop, options) in FORWARD_CHOICES.items():

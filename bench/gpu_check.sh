@@ -3,7 +3,7 @@
 # Logs and results go to $OUT (the device tool brings that folder back); commit them under
 # bench/results/gpu-<device>/ afterwards.
 #
-#   bash bench/gpu_check.sh [build] [tests] [sanitize] [kernels] [sweep]   (default: all five)
+#   bash bench/gpu_check.sh [build] [tests] [sanitize] [kernels] [autotune] [sweep]   (default: all six)
 #   SWEEP_ARGS="--n 8600 100000" bash bench/gpu_check.sh sweep
 #   PYTEST_ARGS="-n 8 --maxfail 30" bash bench/gpu_check.sh tests   (default: -x, one process)
 #
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 STAGE_S=${STAGE_S:-150}
 mkdir -p "$OUT"
-stages=${*:-build tests sanitize kernels sweep}
+stages=${*:-build tests sanitize kernels autotune sweep}
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -74,6 +74,8 @@ for s in $stages; do
                     'intra[cuda]' 'intra[torch]' \
                     'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
+        autotune)   # triton_tuning: tuned against default configurations, N = 1e5 and 1e6, M = 64
+            stage autotune autotune.log python3 bench/autotune.py --n 100000 1000000 --out "$OUT/autotune.md" ;;
         sweep)      # the main job at full size
             # shellcheck disable=SC2086  # SWEEP_ARGS is a list of words on purpose
             stage sweep scaling.log python3 bench/scaling.py --out "$OUT/scaling" ${SWEEP_ARGS:-} ;;

@@ -87,3 +87,21 @@ def make_inputs(num_nodes: int, cfg: Config, *, requires_grad: bool) -> tuple[to
         torch.randn(shape, generator=g, device=cfg.device, dtype=cfg.torch_dtype).requires_grad_(requires_grad)
         for _ in range(3)
     )
+
+
+def intra_passes(q, k, v, partition: Partition, bias, grad, backend: str = "triton") -> dict:
+    """``{"forward": fn, "forward+backward": fn}``: zero-argument calls of `intra_attention`
+    on these inputs, the second clearing the gradients of q, k, v and bias first, for timing."""
+    import sba_kernels as sk
+
+    def forward():
+        with torch.no_grad():
+            sk.intra_attention(q, k, v, partition, bias=bias, backend=backend)
+
+    def forward_backward():
+        for t in (q, k, v, bias):
+            if t is not None:
+                t.grad = None
+        sk.intra_attention(q, k, v, partition, bias=bias, backend=backend).backward(grad)
+
+    return {"forward": forward, "forward+backward": forward_backward}

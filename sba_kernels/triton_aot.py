@@ -15,9 +15,10 @@ This module closes that gap without a GPU:
    the compiler decided: registers per thread, spill bytes (from the ptxas log), stack, shared
    memory, threads per program, and how many programs fit on one SM from those numbers.
    These are compiler facts, not timings.
-3. `compile_all` shards the distinct configurations over worker processes that run without
-   ``TRITON_INTERPRET`` (compiling needs real ``@triton.jit`` functions) and a fresh cache (a
-   cache hit would skip ptxas and its log).
+3. `compile_all` (or `CompileRun`, which starts the work and waits for it later) shards the
+   distinct configurations over worker processes that run without ``TRITON_INTERPRET``
+   (compiling needs real ``@triton.jit`` functions) and a fresh cache (a cache hit would skip
+   ptxas and its log).
 
 Command line: ``python -m sba_kernels.triton_aot --arch 90 80 --json out.jsonl``.
 """
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,8 @@ import torch
 # memory per SM (minus 1 KB the driver reserves per program), threads, resident programs.
 SM_LIMITS = {
     80: dict(registers=65536, shared_per_program=166912, shared_per_sm=167936, threads=2048, programs=32),
+    86: dict(registers=65536, shared_per_program=101376, shared_per_sm=102400, threads=1536, programs=16),
+    89: dict(registers=65536, shared_per_program=101376, shared_per_sm=102400, threads=1536, programs=24),
     90: dict(registers=65536, shared_per_program=232448, shared_per_sm=233472, threads=2048, programs=32),
 }
 DTYPES = (("float16", False), ("bfloat16", False), ("float32", False), ("float32", True))  # (dtype, tf32)
@@ -61,6 +65,12 @@ class Launch:
     kernel: str
     args: tuple
     meta: tuple
+
+    @classmethod
+    def recorded(cls, kernel, args, meta: dict) -> "Launch":
+        """The launch `triton_backend.LAUNCH_RECORDER` holds as ``(kernel, grid, args, meta)``."""
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        return cls(name, tuple(_freeze(a) for a in args), tuple(sorted(meta.items())))
 
     def describe(self) -> str:
         """``kernel[dtype=..., META=...]``, dtype being the first tensor argument's."""
@@ -121,7 +131,9 @@ def kernels() -> list[str]:
 
 # ----------------------------------------------------------------------------- 1. record
 @contextlib.contextmanager
-def _recording() -> Iterator[list]:
+def recording() -> Iterator[list]:
+    """Inside the block the backend's launch functions append their launches to the list
+    yielded, as ``(kernel, grid, args, meta)``, instead of running them."""
     from . import triton_backend
 
     triton_backend.LAUNCH_RECORDER = []
@@ -179,7 +191,7 @@ def recorded_launches() -> list[Launch]:
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     seen: dict[Launch, None] = {}
     try:
-        with _recording() as launches:
+        with recording() as launches:
             for dtype_name, tf32 in DTYPES:
                 torch.backends.cuda.matmul.allow_tf32 = tf32
                 dtype = getattr(torch, dtype_name)
@@ -190,8 +202,7 @@ def recorded_launches() -> list[Launch]:
                 for channels in CHANNELS:
                     _record_segment_mean(dtype, channels)
             for kernel, _grid, args, meta in launches:
-                name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-                seen.setdefault(Launch(name, tuple(_freeze(a) for a in args), tuple(sorted(meta.items()))), None)
+                seen.setdefault(Launch.recorded(kernel, args, meta), None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return list(seen)
@@ -277,6 +288,7 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
     from . import triton_kernels
 
     config, meta = launch.describe(), dict(launch.meta)
+    saved_log_knob = knobs.nvidia.dump_ptxas_log
     try:
         target, signature, constexprs, attrs, options = _specialize(launch, arch)
         log = io.StringIO()
@@ -287,6 +299,8 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
     except Exception as err:  # a compile error is the finding: report it, keep compiling the rest
         return CompileReport(launch.kernel, config, arch, ok=False, meta=meta,
                              error=f"{type(err).__name__}: {err}"[:2000])
+    finally:
+        knobs.nvidia.dump_ptxas_log = saved_log_knob
     text = log.getvalue()
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     usage = _resource_usage(compiled.asm["cubin"])
@@ -304,45 +318,78 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
     )
 
 
+@contextlib.contextmanager
+def cold_cache() -> Iterator[None]:
+    """Inside the block Triton compiles into an empty cache of its own, so ptxas runs and prints
+    the log `compile_launch` reads spills from (a cache hit would skip it)."""
+    from triton import knobs
+
+    saved = knobs.cache.dir
+    with tempfile.TemporaryDirectory(prefix="sba-aot-cache-") as cache:
+        knobs.cache.dir = cache
+        try:
+            yield
+        finally:
+            knobs.cache.dir = saved
+
+
 # ----------------------------------------------------------------------------- 3. shard
 def _run_shard(archs: list[int], shard: int, shards: int, out: Path) -> None:
     """Compile every ``shards``-th configuration starting at ``shard``, for each arch; one JSON
     line per report, appended to ``out`` as it comes."""
-    from triton import knobs
-
     launches = recorded_launches()
     jobs = [(launch, arch) for arch in archs for launch in distinct_configs(launches, arch)][shard::shards]
-    with tempfile.TemporaryDirectory(prefix="sba-aot-cache-") as cache, open(out, "a") as f:
-        knobs.cache.dir = cache                 # cold: ptxas runs and prints its log
+    with cold_cache(), open(out, "a") as f:
         for launch, arch in jobs:
             f.write(json.dumps(asdict(compile_launch(launch, arch))) + "\n")
             f.flush()
 
 
-def compile_all(archs=(90, 80), workers: int = 2, timeout: Optional[float] = None) -> list[CompileReport]:
-    """Every launch configuration compiled for every arch, over ``workers`` processes."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # the default, said out loud (triton 3.9 warns)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = []
+class CompileRun:
+    """Every launch configuration being compiled for every arch in ``archs``, over ``workers``
+    processes started at construction; `reports` waits for them. ``nice``: the workers' added
+    niceness, so that a run started early (the test session does) takes only idle cores."""
+
+    def __init__(self, archs=(90, 80), workers: int = 2, nice: int = 0):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # the default, said out loud (triton 3.9 warns)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self._tmp = Path(tempfile.mkdtemp(prefix="sba-aot-"))
+        self._procs = []
         for shard in range(workers):
-            out = Path(tmp) / f"shard{shard}.json"
+            out, log = self._tmp / f"shard{shard}.json", self._tmp / f"shard{shard}.log"
             cmd = [sys.executable, "-m", "sba_kernels.triton_aot", "--arch", *map(str, archs),
                    "--shard", f"{shard}/{workers}", "--json", str(out)]
-            procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
-        reports = []
+            with open(log, "w") as err:       # a file, not a pipe: nothing blocks while no one reads
+                proc = subprocess.Popen(cmd, env=env, stdout=err, stderr=subprocess.STDOUT,
+                                        preexec_fn=(lambda: os.nice(nice)) if nice else None)
+            self._procs.append((proc, out, log))
+
+    def reports(self, timeout: Optional[float] = None) -> list[CompileReport]:
+        """Every report, once all workers are done (``timeout`` seconds for each at most)."""
         try:
-            for proc, out in procs:
-                _, err = proc.communicate(timeout=timeout)
+            reports = []
+            for proc, out, log in self._procs:
+                proc.wait(timeout=timeout)
                 if proc.returncode != 0:
-                    raise RuntimeError(f"triton_aot worker failed ({proc.returncode}):\n{err[-4000:]}")
+                    raise RuntimeError(f"triton_aot worker failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
                 reports += [CompileReport(**json.loads(line)) for line in out.read_text().splitlines()]
-        finally:       # a timeout or a failed worker: stop the others too
-            for proc, _ in procs:
-                proc.kill()
-    return reports
+            return reports
+        finally:       # done, timed out or failed: stop the others too
+            self.stop()
+
+    def stop(self) -> None:
+        """Kill the workers still running and delete their files."""
+        for proc, _, _ in self._procs:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def compile_all(archs=(90, 80), workers: int = 2, timeout: Optional[float] = None) -> list[CompileReport]:
+    """Every launch configuration compiled for every arch, over ``workers`` processes."""
+    return CompileRun(archs, workers).reports(timeout)
 
 
 def main(argv=None) -> None:

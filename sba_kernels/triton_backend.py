@@ -7,22 +7,26 @@ when every subgraph fits one tile (`one_tile_blocks`), else ``_forward_tiled``
 (``attention_fwd``); ``attention_backward`` -> ``_backward_one_tile`` (one fused launch,
 ``attention_bwd_one_tile``) or ``_backward_tiled`` (the delta, dQ, dK/dV and dBias kernels);
 ``segment_mean_forward``/``_backward`` -> the segment-mean kernels. Block sizes follow from
-shapes and dtype alone (`one_tile_blocks`, `blocks_for`); the tiled backward tiles
-independently of the forward (lse is saved per row, not per tile).
+shapes and dtype alone (`one_tile_blocks`, `blocks_for`), unless autotuning is on: then
+`triton_tuning.launch` runs each attention launch with the configuration it timed fastest on
+this GPU (a ``choice`` passed to the launch function). The tiled backward tiles independently
+of the forward (lse is saved per row, not per tile).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import triton
 
 from . import triton_kernels as kern
+from . import triton_tuning
 from .custom_ops import KernelBackend
 
 LOG2E = 1.4426950408889634
@@ -49,12 +53,19 @@ class Blocks:
     d: int
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int = 255
 
-    def options(self, **override) -> dict:
-        """Launch options. ``maxnreg=255``: left alone, ptxas caps some of these kernels at 128
-        or 168 registers per thread and spills a few bytes (seen in the compile report); the
-        gathered loads already wait on memory, and a spill adds local-memory traffic to them."""
-        return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=255) | override
+    def options(self) -> dict:
+        """Launch options. ``maxnreg=255`` by default: left alone, ptxas caps some of these
+        kernels at 128 or 168 registers per thread and spills a few bytes (seen in the compile
+        report); the gathered loads already wait on memory, and a spill adds local-memory
+        traffic to them."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+    def chosen(self, choice: Optional[dict]) -> "Blocks":
+        """These blocks with a configuration's fields (``m``, ``n``, ``num_warps``,
+        ``num_stages``, ``maxnreg``) replaced; ``None`` keeps them all."""
+        return self if not choice else replace(self, **choice)
 
 
 def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: bool = False) -> Blocks:
@@ -156,10 +167,25 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool, starts=N
     `_forward_one_tile` when every subgraph fits one tile, else `_forward_tiled`. With
     ``starts``, the one-tile kernels address rows from each subgraph's first node (`_node_ids`);
     the tiled kernels always gather through ``index``."""
-    blk = one_tile_blocks(index.shape[1], q.shape[3], q.dtype)
+    P, M = index.shape
+    blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
-        return _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool, starts)
-    return _forward_tiled(q, k, v, index, lengths, bias, scale, pool)
+        bias_loop = uses_bias_loop(P, _pairs_per_bias_tile(q, bias))
+        run = functools.partial(_forward_one_tile, blk, q, k, v, index, lengths, bias, scale, pool, starts)
+        kind = "forward one tile, bias loop" if bias_loop else "forward one tile"
+    else:
+        blk = blocks_for(M, q.shape[3], q.dtype)
+        run = functools.partial(_forward_tiled, blk, q, k, v, index, lengths, bias, scale, pool)
+        kind = "forward tiled"
+    return triton_tuning.launch(run, kind, M, q, bias, pool=pool, contiguous=starts is not None)
+
+
+def _pairs_per_bias_tile(q: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
+    """How many (batch, head) pairs read each bias tile: B x H for a shared ``[P, M, M]``
+    bias, B for a per-head one, 0 without."""
+    if bias is None:
+        return 0
+    return q.shape[0] * q.shape[2] if bias.dim() == 3 else q.shape[0]
 
 
 # The one-tile kernels with a bias, timed on an H200 (`bench/bias_options.py`, bf16, H = 8,
@@ -233,33 +259,35 @@ def bias_tuning(min_parts: Optional[int] = None, min_pairs: Optional[int] = None
         BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS, BIAS_LOOP_FORWARD_OPTIONS, BIAS_GRAD_OPTIONS_64_ROWS = saved
 
 
-def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, starts):
+def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, starts, choice=None):
     """One program per subgraph and (batch, head), or per bias tile (`uses_bias_loop`):
-    `triton_kernels.attention_fwd_one_tile`."""
+    `triton_kernels.attention_fwd_one_tile`. ``choice``: an autotuned configuration
+    (`triton_tuning`) in place of the default launch options."""
     B, N, H, d = q.shape
     P, M = index.shape
     o = _new((B, N, H, d), q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
     pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
     shared = bias is not None and bias.dim() == 3
-    bias_loop = uses_bias_loop(P, 0 if bias is None else B * H if shared else B)
+    bias_loop = uses_bias_loop(P, _pairs_per_bias_tile(q, bias))
+    blk = blk.chosen(BIAS_LOOP_FORWARD_OPTIONS if bias_loop and choice is None else choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),
         q, k, v, o, lse, pooled, bias if bias is not None else q, ids, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
         *_bias_strides(bias), B, H, N, M, contiguous, P, int(pool), 0, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_LOOP=bias_loop,
-        SHARED_BIAS=shared, PRECISION=_precision(q.dtype),
-        **blk.options(**BIAS_LOOP_FORWARD_OPTIONS) if bias_loop else blk.options(),
+        SHARED_BIAS=shared, PRECISION=_precision(q.dtype), **blk.options(),
     )
     return o, lse, pooled.to(q.dtype) if pool else q.new_empty(0)
 
 
-def _forward_tiled(q, k, v, index, lengths, bias, scale, pool: bool):
-    """Subgraphs of any size: online softmax over key tiles (`triton_kernels.attention_fwd`)."""
+def _forward_tiled(blk, q, k, v, index, lengths, bias, scale, pool: bool, choice=None):
+    """Subgraphs of any size: online softmax over key tiles (`triton_kernels.attention_fwd`).
+    ``blk`` from `blocks_for`, or with an autotuned ``choice`` in place."""
     B, N, H, d = q.shape
     P, M = index.shape
-    blk = blocks_for(M, d, q.dtype)
+    blk = blk.chosen(choice)
     o = _new((B, N, H, d), q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
     q_tiles = triton.cdiv(M, blk.m)
@@ -293,14 +321,22 @@ def one_tile_blocks(max_len: int, head_dim: int, dtype: torch.dtype) -> Optional
 def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None):
     """dq, dk, dv (contiguous) and dbias (or an empty tensor): `_backward_one_tile` when every
     subgraph fits one tile, else `_backward_tiled`. ``starts`` as in `attention_forward`."""
-    blk = one_tile_blocks(index.shape[1], q.shape[3], q.dtype)
+    M = index.shape[1]
+    blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
-        return _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias, starts)
-    return _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+        run = functools.partial(_backward_one_tile, blk, do, q, k, v, lse, index, lengths, bias, scale,
+                                need_dbias, starts)
+        kind = "backward one tile"
+    else:
+        blk = blocks_for(M, q.shape[3], q.dtype, backward=True)
+        run = functools.partial(_backward_tiled, blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
+        kind = "backward tiled"
+    return triton_tuning.launch(run, kind, M, q, bias, bias_grad=need_dbias, contiguous=starts is not None)
 
 
-def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool, starts):
-    """One launch: each program does whole subgraphs (`triton_kernels.attention_bwd_one_tile`)."""
+def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool, starts, choice=None):
+    """One launch: each program does whole subgraphs (`triton_kernels.attention_bwd_one_tile`).
+    ``choice`` as in `_forward_one_tile`."""
     B, N, H, d = q.shape
     P, M = index.shape
     dq, dk, dv = (_new((B, N, H, d), q.dtype, q.device) for _ in range(3))
@@ -308,26 +344,28 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
     # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias).
     grid = (P, (1 if shared else H) if need_dbias else B * H)
     dbias = torch.zeros_like(bias) if need_dbias else dq
-    options = dict(BIAS_GRAD_OPTIONS_64_ROWS) if need_dbias and blk.m >= 64 else {}
+    options = dict(BIAS_GRAD_OPTIONS_64_ROWS) if need_dbias and blk.m >= 64 and choice is None else {}
     pair_call = options.pop("PAIR_CALL", False)
     if pair_call and not pair_call_supported():
         raise RuntimeError(f"PAIR_CALL needs Triton 3.8 or later; this is Triton {triton.__version__}")
+    blk = blk.chosen(options or choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_bwd_one_tile, grid,
         q, k, v, do, lse, dq, dk, dv, dbias, bias if bias is not None else q, ids, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
         *_bias_strides(bias), B, H, N, M, contiguous, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
-        SHARED_BIAS=shared, PAIR_CALL=pair_call, PRECISION=_precision(q.dtype), **blk.options(**options),
+        SHARED_BIAS=shared, PAIR_CALL=pair_call, PRECISION=_precision(q.dtype), **blk.options(),
     )
     return dq, dk, dv, dbias if need_dbias else q.new_empty(0)
 
 
-def _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool):
-    """Subgraphs of any size: delta = rowsum(dO * O), then dQ, dK/dV and dBias, each tiled."""
+def _backward_tiled(blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, choice=None):
+    """Subgraphs of any size: delta = rowsum(dO * O), then dQ, dK/dV and dBias, each tiled.
+    ``blk`` from `blocks_for(..., backward=True)`, or with an autotuned ``choice`` in place."""
     B, N, H, d = q.shape
     P, M = index.shape
-    blk = blocks_for(M, d, q.dtype, backward=True)
+    blk = blk.chosen(choice)
     q_tiles, k_tiles = triton.cdiv(M, blk.m), triton.cdiv(M, blk.n)
     delta = _new((B, H, N), torch.float32, q.device)
     rows = 64
@@ -340,7 +378,7 @@ def _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias
     common = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
     meta = dict(HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, PRECISION=_precision(q.dtype))
     # fp32 dQ at head dim 128 spills on sm_80 with 8 warps and one stage, not with 4 (compile report)
-    dq_options = blk.options(num_warps=4) if q.dtype == torch.float32 else blk.options()
+    dq_options = blk.options() | dict(num_warps=4) if q.dtype == torch.float32 else blk.options()
     _launch(kern.attention_bwd_dq, (P * q_tiles, B * H),
         q, k, v, do, lse, delta, dq, bias_arg, index, lengths, q_tiles, *common, *_bhn_strides(dq),
         *_bias_strides(bias), H, N, M, scale * LOG2E, scale, HAS_BIAS=bias is not None, **meta, **dq_options,
@@ -357,7 +395,7 @@ def _backward_tiled(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias
     # Its loop reloads q, k, v, dO per (batch, head): one stage. In fp32, 3xTF32 dots spill here at
     # every warp count, and so do rounded TF32 dots at head dim 128, while IEEE (FMA) dots with
     # 4 warps do not (compile report): fp32 bias gradients take IEEE dots whatever the mode.
-    dbias_meta = meta | blk.options(num_stages=1)
+    dbias_meta = meta | blk.options() | dict(num_stages=1)
     if q.dtype == torch.float32:
         dbias_meta |= dict(num_warps=4, PRECISION="ieee")
     _launch(kern.attention_bwd_dbias, (P * q_tiles * k_tiles, 1 if shared else H),

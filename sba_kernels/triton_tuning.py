@@ -1,0 +1,216 @@
+"""Autotuning of the ``"triton"`` backend: the fastest launch configuration per shape key, timed
+on the GPU that runs it.
+
+**Off (the default)**, every launch runs the configuration the compile report favours, a rule a
+machine without a GPU can apply (`bench/results/static/kernels.md`, compiler facts):
+
+* tiles: the widest that compiles with no spill on sm_80 and sm_90, never wider than the
+  subgraphs need (`triton_backend.one_tile_blocks`, `triton_backend.blocks_for`);
+* warps and stages: among those that do not spill, the most programs per SM (one-tile
+  kernels: 4 warps, one stage, nothing to pipeline); maxnreg 255, so that ptxas never caps
+  registers into a spill;
+* the two exceptions a GPU timing made (`triton_backend.BIAS_LOOP_FORWARD_OPTIONS`,
+  `BIAS_GRAD_OPTIONS_64_ROWS`, with their measurements beside them).
+
+**On** (``SBA_AUTOTUNE=1`` in the environment, or inside ``with autotuning():``), on a CUDA
+device, the first launch of each `key`:
+
+1. lists its candidates (`candidates`) and the default;
+2. prunes them by the compile check: each candidate's launches are recorded (not run) and
+   compiled for this GPU's architecture by `triton_aot.compile_launch`; a candidate goes when
+   one of them fails to compile, spills (other than `triton_backend.ACCEPTED_SPILLS`) or asks
+   for more shared memory than a program may have (`triton_aot.SM_LIMITS`);
+3. times the rest with `TIMER` (``triton.testing.do_bench``) on the call's own tensors, and
+   keeps the fastest; the default is always timed (first: a tie goes to it), so a tuned key is
+   never slower than the default by the timer's own measure.
+
+Later launches with that key run the kept configuration; `trials` shows what was tried. A
+configuration is a dict of `triton_backend.Blocks` fields (``m``, ``n``, ``num_warps``,
+``num_stages``, ``maxnreg``) that replace the default's; ``None`` is the default itself.
+Tuning compiles every candidate (about a second each) before timing it: the first call of a
+key takes seconds, the rest none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, Optional, TypeVar
+
+import torch
+
+T = TypeVar("T")
+Choice = Optional[dict]
+
+ENABLED = os.environ.get("SBA_AUTOTUNE", "0") not in ("", "0")
+
+
+def _gpu_time(fn: Callable[[], object]) -> float:
+    """Milliseconds per call of ``fn`` on the GPU (median over about 50 ms of calls)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50)
+
+
+# How a candidate is timed: ``TIMER(fn) -> milliseconds``. A test swaps in its own.
+TIMER: Callable[[Callable[[], object]], float] = _gpu_time
+
+# key -> the configuration kept; key -> [(configuration, milliseconds, or why it was not timed)]
+_CHOSEN: dict[tuple, Choice] = {}
+_TRIALS: dict[tuple, list[tuple[Choice, Optional[float], Optional[str]]]] = {}
+
+
+@contextlib.contextmanager
+def autotuning(on: bool = True) -> Iterator[None]:
+    """Autotune inside the block (or, with ``on=False``, run the defaults there)."""
+    global ENABLED
+    saved, ENABLED = ENABLED, on
+    try:
+        yield
+    finally:
+        ENABLED = saved
+
+
+def trials() -> dict[tuple, list[tuple[Choice, Optional[float], Optional[str]]]]:
+    """For each key tuned so far: every configuration tried as ``(configuration, milliseconds,
+    None)``, or ``(configuration, None, why)`` when the compile check pruned it or it failed;
+    the kept one is the fastest."""
+    return {key: list(rows) for key, rows in _TRIALS.items()}
+
+
+def chosen() -> dict[tuple, Choice]:
+    """The configuration kept for each key tuned so far (``None``: the default)."""
+    return dict(_CHOSEN)
+
+
+def forget() -> None:
+    """Drop every tuned key: the next launch of each is tuned again."""
+    _CHOSEN.clear()
+    _TRIALS.clear()
+
+
+# ----------------------------------------------------------------------------- what is tried
+def candidates(kind: str, max_len: int) -> list[dict]:
+    """What is tried for a launch ``kind`` ("forward one tile", "backward tiled", ...)."""
+    if "tiled" in kind:
+        return tiled_candidates(max_len, backward=kind.startswith("backward"))
+    return one_tile_candidates()
+
+
+def one_tile_candidates() -> list[dict]:
+    """The one-tile kernels' tile is the subgraph's own (`triton_backend.one_tile_blocks`);
+    tried: 2, 4 or 8 warps, registers left to ptxas (255) or capped at 168 (three programs of
+    128 threads per SM on sm_80/sm_90)."""
+    return [dict(num_warps=w, maxnreg=r) for w in (2, 4, 8) for r in (255, 168)]
+
+
+def tiled_candidates(max_len: int, *, backward: bool) -> list[dict]:
+    """The tiled kernels: query x key tiles no wider than the subgraphs need (and at least 16,
+    for tl.dot), 4 or 8 warps, 1 or 2 pipeline stages. The forward tries 32-128 query rows
+    against 32-64 key rows; the backward, which keeps dK and dV accumulators too, square
+    tiles of 16-64 rows."""
+    import triton
+
+    fit = max(16, triton.next_power_of_2(max_len))
+    if backward:
+        tiles = {(min(t, fit),) * 2 for t in (16, 32, 64)}
+    else:
+        tiles = {(min(m, fit), min(n, fit)) for m in (32, 64, 128) for n in (32, 64) if n <= m}
+    return [dict(m=m, n=n, num_warps=w, num_stages=s)
+            for m, n in sorted(tiles) for w in (4, 8) for s in (1, 2)]
+
+
+def key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], **flags) -> tuple:
+    """What a tuned configuration is kept for: the launch (``kind``), the tile the subgraphs
+    need (``max_len`` rounded up to a power of two), head dim, dtype and fp32 dot precision,
+    the bias (none, shared ``[P, M, M]`` or per head) and ``flags`` (pooled, contiguous, bias
+    gradient)."""
+    import triton
+
+    from .triton_backend import _precision
+
+    bias_kind = None if bias is None else "shared" if bias.dim() == 3 else "per_head"
+    return (kind, max(16, triton.next_power_of_2(max_len)), q.shape[3], str(q.dtype).removeprefix("torch."),
+            _precision(q.dtype), bias_kind, *sorted(flags.items()))
+
+
+# ----------------------------------------------------------------------------- the tuning
+def launch(run: Callable[[Choice], T], kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor],
+           **flags) -> T:
+    """``run(configuration)`` for one launch of ``kind`` (`key` names the other arguments):
+    the default, ``run(None)``, unless autotuning is on and ``q`` is on a GPU; then the
+    configuration kept for the key and this GPU, tuned first if none is yet."""
+    if not ENABLED:                # the common case first: no work added to the launch path
+        return run(None)
+    from . import triton_backend
+
+    gpu = _gpu(q.device) if triton_backend.LAUNCH_RECORDER is None else None
+    if gpu is None:
+        return run(None)
+    name, arch = gpu
+    gpu_key = (*key(kind, max_len, q, bias, **flags), name)
+    if gpu_key not in _CHOSEN:
+        _CHOSEN[gpu_key] = _tune(run, gpu_key, candidates(kind, max_len), arch)
+    return run(_CHOSEN[gpu_key])
+
+
+def _gpu(device: torch.device) -> Optional[tuple[str, int]]:
+    """(name, sm architecture as 90 for sm_90) of a CUDA ``device``; None for any other."""
+    from .triton_aot import SM_LIMITS
+
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 10 * major + minor
+    if arch not in SM_LIMITS:
+        raise RuntimeError(f"autotuning knows the limits of sm_{', sm_'.join(map(str, sorted(SM_LIMITS)))}; "
+                           f"this GPU is sm_{arch}: unset SBA_AUTOTUNE to run the default configurations")
+    return torch.cuda.get_device_name(device), arch
+
+
+def _tune(run: Callable[[Choice], object], gpu_key: tuple, candidates: list[dict], arch: int) -> Choice:
+    """Time the default and every candidate that passes `compile_check`; the fastest."""
+    rows = []
+    for choice in [None, *(c for i, c in enumerate(candidates) if c not in candidates[:i])]:
+        why = None if choice is None else compile_check(run, choice, arch)
+        if why is not None:
+            rows.append((choice, None, why))
+            continue
+        try:
+            rows.append((choice, float(TIMER(lambda: run(choice))), None))
+        except Exception as err:       # noqa: BLE001 -- the default raises again below, with its own traceback
+            rows.append((choice, None, f"failed: {type(err).__name__}: {err}"[:500]))
+    _TRIALS[gpu_key] = rows
+    timed = [(ms, i) for i, (_, ms, _) in enumerate(rows) if ms is not None]
+    return rows[min(timed)[1]][0] if timed else None
+
+
+def compile_check(run: Callable[[Choice], object], choice: dict, arch: int) -> Optional[str]:
+    """Why ``run(choice)`` must not run on ``sm_<arch>``, or None: its launches, recorded
+    rather than run, each compiled ahead of time (`triton_aot.compile_launch`)."""
+    from . import triton_aot
+
+    with triton_aot.recording() as launches:
+        run(choice)
+    for kernel, _grid, args, meta in launches:
+        report = _compiled(triton_aot.Launch.recorded(kernel, args, meta), arch)
+        if not report.ok:
+            return f"{report.kernel} does not compile: {report.error.splitlines()[0]}"
+        if report.spills and not report.spill_accepted:
+            return f"{report.kernel} spills {max(report.spill_stores, report.spill_loads)} bytes"
+        if report.shared_over_limit:
+            return f"{report.kernel} needs {report.shared_bytes} bytes of shared memory"
+    return None
+
+
+_REPORTS: dict[tuple, object] = {}
+
+
+def _compiled(launch, arch: int):
+    """`triton_aot.compile_launch` once per launch and arch, in a cold cache (ptxas's log)."""
+    from . import triton_aot
+
+    if (launch, arch) not in _REPORTS:
+        with triton_aot.cold_cache():
+            _REPORTS[launch, arch] = triton_aot.compile_launch(launch, arch)
+    return _REPORTS[launch, arch]
