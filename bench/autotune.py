@@ -5,8 +5,9 @@
 For each N and bias kind: the forward and forward+backward timed with the default
 configurations (`triton_tuning`'s rule, from compiles alone), then tuned (`triton_tuning`:
 every candidate that passes the compile check for this GPU, timed on these inputs) and timed
-again. Below the table, what each tuned key tried: milliseconds, or why the compile check
-pruned it.
+again. Every point is tuned afresh (`triton_tuning.forget`): a key does not hold N, so a
+program would reuse the configuration tuned at the first N it ran. Below the table, what each
+key tried at each point: milliseconds, or why it was not timed.
 
 Workload: bf16, B = 1, H = 8, d = 64, nodes cut into consecutive runs of the target size
 (`workload.build_runs_layout`: the shapes METIS gives with a size cap, in the model's contiguous
@@ -29,9 +30,9 @@ from workload import Config, build_runs_layout, intra_passes, make_inputs  # noq
 from sba_kernels import triton_tuning  # noqa: E402
 
 
-def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple[list[str], set]:
-    """Table rows ``| N | M | bias | pass | default ms | tuned ms | default / tuned |`` and the
-    keys this point tuned."""
+def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple[list[str], list[str]]:
+    """Table rows ``| N | M | bias | pass | default ms | tuned ms | default / tuned |``, and
+    what each key tuned at this point tried (`describe_trials`)."""
     from triton.testing import do_bench
 
     partition = build_runs_layout(n, subgraph_size)[0].to("cuda")
@@ -41,7 +42,7 @@ def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple
     if bias_kind == "shared":
         bias = torch.randn(P, M, M, device="cuda", dtype=cfg.torch_dtype, requires_grad=True)
     passes = intra_passes(q, k, v, partition, bias, torch.randn_like(q))
-    before = set(triton_tuning.chosen())
+    triton_tuning.forget()
     rows = []
     for name, fn in passes.items():
         with triton_tuning.autotuning(False):
@@ -50,15 +51,16 @@ def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple
             fn()                                   # tunes this pass's keys
             tuned = do_bench(fn)
         rows.append(f"| {n:,} | {M} | {bias_kind} | {name} | {default:.3f} | {tuned:.3f} | {default / tuned:.2f} |")
-    return rows, set(triton_tuning.chosen()) - before
+    return rows, describe_trials(f"N = {n:,}, M = {M}, bias {bias_kind}")
 
 
-def describe_trials(keys) -> list[str]:
-    """One block per tuned key: each configuration tried, its ms or why it was not timed."""
+def describe_trials(point: str) -> list[str]:
+    """One block per key tuned since the last `triton_tuning.forget`: each configuration
+    tried, its ms or why it was not timed."""
     lines = []
-    trials = triton_tuning.trials()
-    for key in sorted(keys, key=repr):
-        lines += ["", f"`{key}`: kept {triton_tuning.chosen()[key] or 'the default'}", "",
+    trials, kept = triton_tuning.trials(), triton_tuning.chosen()
+    for key in sorted(trials, key=repr):
+        lines += ["", f"{point}, `{key}`: kept {kept[key] or 'the default'}", "",
                   "| configuration | ms | pruned / failed |", "| --- | ---: | --- |"]
         for choice, ms, why in trials[key]:
             lines.append(f"| {choice or 'default'} | {'' if ms is None else f'{ms:.3f}'} | {why or ''} |")
@@ -82,16 +84,16 @@ def main(argv=None) -> int:
             "bf16, B = 1, H = 8, d = 64, contiguous METIS-sized runs; median ms (`do_bench`).", "",
             "| N | M | bias | pass | default ms | tuned ms | default / tuned |",
             "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
-    rows, keys = [], set()
+    rows, trials = [], []
     for n in args.n:
         for m in args.subgraph_size:
             for kind in args.bias:
-                new_rows, new_keys = time_point(n, m, kind, cfg)
+                new_rows, new_trials = time_point(n, m, kind, cfg)
                 rows += new_rows
-                keys |= new_keys
+                trials += new_trials
                 print("\n".join(new_rows), flush=True)
                 if args.out:                              # rewritten after every point: a killed run keeps them
-                    args.out.write_text("\n".join(head + rows + describe_trials(keys)) + "\n")
+                    args.out.write_text("\n".join(head + rows + trials) + "\n")
     return 0
 
 

@@ -280,7 +280,8 @@ def distinct_configs(launches: list[Launch], arch: int) -> list[Launch]:
 
 
 def compile_launch(launch: Launch, arch: int) -> CompileReport:
-    """Compile ``launch`` for ``sm_<arch>`` with Triton's own specialisation; never raises."""
+    """Compile ``launch`` for ``sm_<arch>`` with Triton's own specialisation. A compile error is
+    the finding, reported with ``ok=False``; only a failure to read the cubin (cuobjdump) raises."""
     import triton
     from triton import knobs
     from triton.compiler import ASTSource
@@ -357,17 +358,22 @@ class CompileRun:
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         self._tmp = Path(tempfile.mkdtemp(prefix="sba-aot-"))
         self._procs = []
-        for shard in range(workers):
-            out, log = self._tmp / f"shard{shard}.json", self._tmp / f"shard{shard}.log"
-            cmd = [sys.executable, "-m", "sba_kernels.triton_aot", "--arch", *map(str, archs),
-                   "--shard", f"{shard}/{workers}", "--json", str(out)]
-            with open(log, "w") as err:       # a file, not a pipe: nothing blocks while no one reads
-                proc = subprocess.Popen(cmd, env=env, stdout=err, stderr=subprocess.STDOUT,
-                                        preexec_fn=(lambda: os.nice(nice)) if nice else None)
-            self._procs.append((proc, out, log))
+        self._reports: Optional[list[CompileReport]] = None
+        try:
+            for shard in range(workers):
+                out, log = self._tmp / f"shard{shard}.json", self._tmp / f"shard{shard}.log"
+                cmd = [sys.executable, "-m", "sba_kernels.triton_aot", "--arch", *map(str, archs),
+                       "--shard", f"{shard}/{workers}", "--json", str(out), "--nice", str(nice)]
+                with open(log, "w") as err:       # a file, not a pipe: nothing blocks while no one reads
+                    self._procs.append((subprocess.Popen(cmd, env=env, stdout=err, stderr=subprocess.STDOUT), out, log))
+        except BaseException:
+            self.stop()
+            raise
 
     def reports(self, timeout: Optional[float] = None) -> list[CompileReport]:
         """Every report, once all workers are done (``timeout`` seconds for each at most)."""
+        if self._reports is not None:
+            return self._reports
         try:
             reports = []
             for proc, out, log in self._procs:
@@ -375,6 +381,7 @@ class CompileRun:
                 if proc.returncode != 0:
                     raise RuntimeError(f"triton_aot worker failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
                 reports += [CompileReport(**json.loads(line)) for line in out.read_text().splitlines()]
+            self._reports = reports
             return reports
         finally:       # done, timed out or failed: stop the others too
             self.stop()
@@ -397,7 +404,9 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th configuration from the i-th")
     parser.add_argument("--json", required=True, help="where to append the reports, one JSON line each")
+    parser.add_argument("--nice", type=int, default=0, help="run at this added niceness (lower priority)")
     args = parser.parse_args(argv)
+    os.nice(args.nice)
     shard, shards = map(int, args.shard.split("/"))
     _run_shard(args.arch, shard, shards, Path(args.json))
 

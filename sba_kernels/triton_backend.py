@@ -167,6 +167,12 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool, starts=N
     `_forward_one_tile` when every subgraph fits one tile, else `_forward_tiled`. With
     ``starts``, the one-tile kernels address rows from each subgraph's first node (`_node_ids`);
     the tiled kernels always gather through ``index``."""
+    return triton_tuning.launch(forward_plan(q, k, v, index, lengths, bias, scale, pool, starts))
+
+
+def forward_plan(q, k, v, index, lengths, bias, scale, pool: bool, starts=None) -> triton_tuning.Plan:
+    """`attention_forward`'s launch, not yet run: `_forward_one_tile` or `_forward_tiled` with
+    every argument but the configuration."""
     P, M = index.shape
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
@@ -177,7 +183,7 @@ def attention_forward(q, k, v, index, lengths, bias, scale, pool: bool, starts=N
         blk = blocks_for(M, q.shape[3], q.dtype)
         run = functools.partial(_forward_tiled, blk, q, k, v, index, lengths, bias, scale, pool)
         kind = "forward tiled"
-    return triton_tuning.launch(run, kind, M, q, bias, pool=pool, contiguous=starts is not None)
+    return triton_tuning.Plan(run, kind, M, q, bias, dict(pool=pool, contiguous=starts is not None))
 
 
 def _pairs_per_bias_tile(q: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
@@ -237,7 +243,7 @@ def uses_bias_loop(num_parts: int, pairs_per_tile: int) -> bool:
 # refuses every other spill, and this one past ``max_bytes``.
 ACCEPTED_SPILLS = (
     {"kernel": "attention_bwd_one_tile", "arch": 90, "max_bytes": 16,
-     "meta": {"BIAS_GRAD": True, "SHARED_BIAS": True, "BLOCK": 64}},
+     "meta": {"BIAS_GRAD": True, "SHARED_BIAS": True, "BLOCK": 64, "num_warps": 4, "maxnreg": 255}},
 )
 
 
@@ -321,6 +327,11 @@ def one_tile_blocks(max_len: int, head_dim: int, dtype: torch.dtype) -> Optional
 def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None):
     """dq, dk, dv (contiguous) and dbias (or an empty tensor): `_backward_one_tile` when every
     subgraph fits one tile, else `_backward_tiled`. ``starts`` as in `attention_forward`."""
+    return triton_tuning.launch(backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, starts))
+
+
+def backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None) -> triton_tuning.Plan:
+    """`attention_backward`'s launches, not yet run: `_backward_one_tile` or `_backward_tiled`."""
     M = index.shape[1]
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
@@ -331,7 +342,7 @@ def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_db
         blk = blocks_for(M, q.shape[3], q.dtype, backward=True)
         run = functools.partial(_backward_tiled, blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
         kind = "backward tiled"
-    return triton_tuning.launch(run, kind, M, q, bias, bias_grad=need_dbias, contiguous=starts is not None)
+    return triton_tuning.Plan(run, kind, M, q, bias, dict(bias_grad=need_dbias, contiguous=starts is not None))
 
 
 def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool, starts, choice=None):

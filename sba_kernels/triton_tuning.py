@@ -1,16 +1,22 @@
 """Autotuning of the ``"triton"`` backend: the fastest launch configuration per shape key, timed
 on the GPU that runs it.
 
-**Off (the default)**, every launch runs the configuration the compile report favours, a rule a
-machine without a GPU can apply (`bench/results/static/kernels.md`, compiler facts):
+**Off (the default)**, every launch runs the configuration of `triton_backend.one_tile_blocks` /
+`blocks_for` and the bias options beside them. The rule for choosing it without a GPU, from
+compiles alone (compiler facts): among configurations that compile for sm_80 and sm_90 with no
+spill (but `triton_backend.ACCEPTED_SPILLS`), no shared memory over the limit and no ptxas
+performance-loss line, take
 
-* tiles: the widest that compiles with no spill on sm_80 and sm_90, never wider than the
-  subgraphs need (`triton_backend.one_tile_blocks`, `triton_backend.blocks_for`);
-* warps and stages: among those that do not spill, the most programs per SM (one-tile
-  kernels: 4 warps, one stage, nothing to pipeline); maxnreg 255, so that ptxas never caps
-  registers into a spill;
-* the two exceptions a GPU timing made (`triton_backend.BIAS_LOOP_FORWARD_OPTIONS`,
-  `BIAS_GRAD_OPTIONS_64_ROWS`, with their measurements beside them).
+1. the widest query tile (each query tile of a subgraph reads all its keys and values again);
+2. then the most warps resident per SM on sm_90 (programs per SM x warps; latency hiding);
+3. then the most programs per SM; then the default as it stands;
+
+unless a GPU timing decided otherwise (`triton_backend.BIAS_LOOP_FORWARD_OPTIONS`,
+`BIAS_GRAD_OPTIONS_64_ROWS`, with their measurements beside them). `bench/tuning_report.py`
+compiles every candidate below and applies the rule (`bench/results/static/tuning.md`, bf16,
+head dim 64): the one-tile defaults are what it picks; for the tiled kernels at 128 rows it
+picks other tiles in 4 of 6 launches, and those defaults stay until the rule has been applied
+to every dtype and head dim those caps cover, or a GPU has timed both.
 
 **On** (``SBA_AUTOTUNE=1`` in the environment, or inside ``with autotuning():``), on a CUDA
 device, the first launch of each `key`:
@@ -35,12 +41,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-T = TypeVar("T")
 Choice = Optional[dict]
+
+
+class Plan(NamedTuple):
+    """One attention launch, everything decided but its configuration: ``run(choice)`` launches
+    it with a configuration (None: the default) and returns its outputs; ``kind``,
+    ``max_len``, ``q``, ``bias`` and ``flags`` make its `key` (`triton_backend.forward_plan`,
+    `backward_plan`). A named tuple: it is built on every launch, and costs less host time so."""
+
+    run: Callable[[Choice], object]
+    kind: str
+    max_len: int
+    q: torch.Tensor
+    bias: Optional[torch.Tensor]
+    flags: dict
+
+    def key(self) -> tuple:
+        return key(self.kind, self.max_len, self.q, self.bias, **self.flags)
+
+    def candidates(self) -> list[dict]:
+        return candidates(self.kind, self.max_len)
 
 ENABLED = os.environ.get("SBA_AUTOTUNE", "0") not in ("", "0")
 
@@ -84,7 +109,8 @@ def chosen() -> dict[tuple, Choice]:
 
 
 def forget() -> None:
-    """Drop every tuned key: the next launch of each is tuned again."""
+    """Drop every tuned key: the next launch of each is timed again. (The compile reports stay:
+    they depend on nothing but the launch.)"""
     _CHOSEN.clear()
     _TRIALS.clear()
 
@@ -123,35 +149,41 @@ def tiled_candidates(max_len: int, *, backward: bool) -> list[dict]:
 def key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], **flags) -> tuple:
     """What a tuned configuration is kept for: the launch (``kind``), the tile the subgraphs
     need (``max_len`` rounded up to a power of two), head dim, dtype and fp32 dot precision,
-    the bias (none, shared ``[P, M, M]`` or per head) and ``flags`` (pooled, contiguous, bias
-    gradient)."""
+    the bias (none, or shared ``[P, M, M]`` / per head, and its dtype) and ``flags`` (pooled,
+    contiguous, bias gradient). Not the sizes N, P or B: a key tuned at one N is reused at
+    another."""
     import triton
 
     from .triton_backend import _precision
 
-    bias_kind = None if bias is None else "shared" if bias.dim() == 3 else "per_head"
-    return (kind, max(16, triton.next_power_of_2(max_len)), q.shape[3], str(q.dtype).removeprefix("torch."),
-            _precision(q.dtype), bias_kind, *sorted(flags.items()))
+    bias_kind = None if bias is None else ("shared" if bias.dim() == 3 else "per_head", _name(bias.dtype))
+    return (kind, max(16, triton.next_power_of_2(max_len)), q.shape[3], _name(q.dtype), _precision(q.dtype),
+            bias_kind, *sorted(flags.items()))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------- the tuning
-def launch(run: Callable[[Choice], T], kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor],
-           **flags) -> T:
-    """``run(configuration)`` for one launch of ``kind`` (`key` names the other arguments):
-    the default, ``run(None)``, unless autotuning is on and ``q`` is on a GPU; then the
-    configuration kept for the key and this GPU, tuned first if none is yet."""
+def launch(plan: Plan):
+    """Run ``plan``: with the default configuration unless autotuning is on and its tensors are
+    on a GPU; then with the configuration kept for its key and this GPU, tuned first if none
+    is yet."""
     if not ENABLED:                # the common case first: no work added to the launch path
-        return run(None)
+        return plan.run(None)
     from . import triton_backend
 
-    gpu = _gpu(q.device) if triton_backend.LAUNCH_RECORDER is None else None
+    gpu = _gpu(plan.q.device) if triton_backend.LAUNCH_RECORDER is None else None
     if gpu is None:
-        return run(None)
+        return plan.run(None)
     name, arch = gpu
-    gpu_key = (*key(kind, max_len, q, bias, **flags), name)
+    gpu_key = (*plan.key(), name)
     if gpu_key not in _CHOSEN:
-        _CHOSEN[gpu_key] = _tune(run, gpu_key, candidates(kind, max_len), arch)
-    return run(_CHOSEN[gpu_key])
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():   # timing would sync a CUDA graph
+            return plan.run(None)
+        _CHOSEN[gpu_key] = _tune(plan.run, gpu_key, plan.candidates(), arch)
+    return plan.run(_CHOSEN[gpu_key])
 
 
 def _gpu(device: torch.device) -> Optional[tuple[str, int]]:
@@ -172,7 +204,10 @@ def _tune(run: Callable[[Choice], object], gpu_key: tuple, candidates: list[dict
     """Time the default and every candidate that passes `compile_check`; the fastest."""
     rows = []
     for choice in [None, *(c for i, c in enumerate(candidates) if c not in candidates[:i])]:
-        why = None if choice is None else compile_check(run, choice, arch)
+        try:
+            why = None if choice is None else compile_check(run, choice, arch)
+        except Exception as err:      # noqa: BLE001 -- a check that cannot run keeps the candidate out
+            why = f"compile check failed: {type(err).__name__}: {err}"[:500]
         if why is not None:
             rows.append((choice, None, why))
             continue

@@ -59,13 +59,14 @@ def test_only_the_declared_spill_is_accepted():
     arch, every named meta value (``BLOCK=64`` is not ``BLOCK=640``, a missing name is no match),
     bytes each way; the human-readable ``config`` plays no part."""
     meta = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK=64, HAS_BIAS=True, BIAS_GRAD=True, SHARED_BIAS=True,
-                PRECISION="ieee", num_warps=4)
+                PRECISION="ieee", num_warps=4, maxnreg=255)
     report = lambda **kw: triton_aot.CompileReport(**{**dict(kernel="attention_bwd_one_tile", config="", arch=90,
                                                             ok=True, meta=meta, spill_stores=8, spill_loads=8), **kw})
     assert report().spill_accepted
     without = lambda name: {k: v for k, v in meta.items() if k != name}
     for other in (dict(arch=80), dict(kernel="attention_fwd_one_tile"), dict(spill_stores=24), dict(spill_loads=17),
                   dict(meta={**meta, "SHARED_BIAS": False}), dict(meta={**meta, "BLOCK": 640}),
+                  dict(meta={**meta, "num_warps": 8}), dict(meta={**meta, "maxnreg": 168}),
                   dict(meta=without("BIAS_GRAD"))):
         assert not report(**other).spill_accepted, other
 

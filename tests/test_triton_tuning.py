@@ -29,7 +29,8 @@ def tuning(monkeypatch):
     """Autotuning on for CPU tensors: a stand-in GPU (sm_90), outputs poisoned with NaN, every
     launch's meta recorded in ``launched``, and a timer that runs the candidate once, keeps
     (kernel, launch options, output) in ``timed`` and answers ``speed(kernel, meta)``
-    milliseconds: of the candidate's attention kernel (the tiled backward's first, dQ)."""
+    milliseconds, from the candidate's last launch (the tiled backward's dK/dV: its dQ runs 4
+    warps in fp32 whatever the configuration)."""
     state = {"launched": [], "timed": [], "speed": None, "pruned": lambda choice: None}
     real_launch = triton_backend._launch
 
@@ -38,9 +39,8 @@ def tuning(monkeypatch):
         real_launch(kernel, grid, *args, **meta)
 
     def timer(fn):
-        start = len(state["launched"])
         out = fn()
-        name, meta = next((n, m) for n, m in state["launched"][start:] if n != "attention_bwd_delta")
+        name, meta = state["launched"][-1]
         state["timed"].append((name, meta, out))
         return state["speed"](name, meta)
 
@@ -76,9 +76,10 @@ def test_tuning_keeps_the_fastest_candidate_and_every_candidate_is_correct(tunin
     ref = dense_masked_attention(q64, k64, v64, part)
     ref.backward(grad)
 
-    # A made-up speed that no default wins: more warps and smaller tiles are faster, and a cap
-    # of 168 registers is pruned as if it spilled.
-    tuning["speed"] = lambda name, meta: 10.0 / meta["num_warps"] + (meta.get("BLOCK_M") or 0) / 64 + meta["num_stages"]
+    # A made-up speed that no default wins (fp32 defaults: one-tile 4 warps, one stage; tiled 8
+    # warps, one stage): more warps, two stages and smaller tiles are faster, and a cap of 168
+    # registers is pruned as if it spilled.
+    tuning["speed"] = lambda name, meta: 10.0 / meta["num_warps"] + (meta.get("BLOCK_M") or 0) / 64 + 3 - meta["num_stages"]
     tuning["pruned"] = lambda choice: "spills" if choice and choice.get("maxnreg") == 168 else None
 
     ours = [t.float().requires_grad_() for t in (q, k, v)]
@@ -112,6 +113,7 @@ def test_tuning_keeps_the_fastest_candidate_and_every_candidate_is_correct(tunin
         assert ran and _options(ran[0]) == _options(fastest[1])
     kept = triton_tuning.chosen()
     assert len(kept) == 2 and all(key[-1] == "stand-in GPU" for key in kept)
+    assert all(choice is not None for choice in kept.values()), "a default was kept that the timer put behind"
 
 
 def test_the_default_is_kept_when_it_is_fastest(tuning):
@@ -123,7 +125,7 @@ def test_the_default_is_kept_when_it_is_fastest(tuning):
     (key, choice), = triton_tuning.chosen().items()
     rows = triton_tuning.trials()[key]
     assert rows[0][0] is None and rows[0][1] == 1.0
-    assert choice is None or choice == {"num_warps": default_warps, "maxnreg": 255}
+    assert choice is None          # the candidate equal to the default ties with it: the default stays
     assert len(rows) == 1 + len(triton_tuning.one_tile_candidates())
 
 
@@ -140,28 +142,105 @@ def test_off_or_on_a_cpu_runs_the_default_untimed(monkeypatch):
 
 
 def test_candidates_reach_the_launch():
-    """Each configuration's fields land in the launch that runs it: tiles, warps, stages and
-    the register cap (recorded, not run)."""
+    """Each configuration's fields land in every attention launch that runs it: tiles, warps,
+    stages and the register cap (recorded, not run), in all four launch functions."""
     from sba_kernels import triton_aot
 
-    part, q, k, v, _ = _inputs(100, 11, 40, seed=5)
-    q, k, v = (t.half() for t in (q, k, v))
-    blk = triton_backend.blocks_for(part.index.shape[1], 16, torch.float16)
-    for choice in triton_tuning.tiled_candidates(part.index.shape[1], backward=False):
+    def recorded(fn, *args, choice):
         with triton_aot.recording() as launches:
-            triton_backend._forward_tiled(blk, q, k, v, part.index, part.lengths, None, 0.25, True, choice=choice)
-        (_kernel, grid, _args, meta), = launches
+            fn(*args, choice=choice)
+        return [(kernel.fn.__name__, grid, meta) for kernel, grid, _args, meta in launches]
+
+    fp16 = torch.float16
+    tiled, q, k, v, _ = _inputs(100, 11, 40, seed=5)
+    q, k, v = (t.to(fp16) for t in (q, k, v))
+    lse = torch.zeros(1, 2, 100)
+    bias = torch.zeros(tiled.num_parts, tiled.index.shape[1], tiled.index.shape[1], dtype=fp16)
+    P, M = tiled.index.shape
+    for choice in triton_tuning.candidates("forward tiled", M):
+        blk = triton_backend.blocks_for(M, 16, fp16)
+        (_, grid, meta), = recorded(triton_backend._forward_tiled, blk, q, k, v, tiled.index, tiled.lengths, None,
+                                    0.25, True, choice=choice)
         assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"]) == (
             choice["m"], choice["n"], choice["num_warps"], choice["num_stages"])
-        assert grid[0] == part.index.shape[0] * -(-part.index.shape[1] // choice["m"])
-    part = _inputs(100, 11, 0, seed=6)[0]
-    one = triton_backend.one_tile_blocks(part.index.shape[1], 16, torch.float16)
+        assert grid[0] == P * -(-M // choice["m"])
+    for choice in triton_tuning.candidates("backward tiled", M):
+        blk = triton_backend.blocks_for(M, 16, fp16, backward=True)
+        launches = recorded(triton_backend._backward_tiled, blk, q, q, k, v, q, lse, tiled.index, tiled.lengths,
+                            bias, 0.25, True, choice=choice)
+        assert [name for name, _, _ in launches] == ["attention_bwd_delta", "attention_bwd_dq", "attention_bwd_dkdv",
+                                                     "attention_bwd_dbias"]
+        for name, grid, meta in launches[1:]:
+            assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"]) == (choice["m"], choice["n"],
+                                                                              choice["num_warps"]), name
+        assert launches[2][2]["num_stages"] == choice["num_stages"]     # dBias runs one stage whatever
+    small = _inputs(100, 11, 0, seed=6)[0]
+    one = triton_backend.one_tile_blocks(small.index.shape[1], 16, fp16)
     for choice in triton_tuning.one_tile_candidates():
-        with triton_aot.recording() as launches:
-            triton_backend._backward_one_tile(one, q, q, k, v, q.new_zeros(1, 2, 100).float(), part.index,
-                                              part.lengths, None, 0.25, False, None, choice=choice)
-        (_kernel, _grid, _args, meta), = launches
-        assert (meta["num_warps"], meta["maxnreg"], meta["BLOCK"]) == (choice["num_warps"], choice["maxnreg"], 16)
+        for launches in (
+            recorded(triton_backend._forward_one_tile, one, q, k, v, small.index, small.lengths, None, 0.25, False,
+                     None, choice=choice),
+            recorded(triton_backend._backward_one_tile, one, q, q, k, v, lse, small.index, small.lengths, None, 0.25,
+                     False, None, choice=choice),
+        ):
+            (name, _, meta), = launches
+            assert (meta["num_warps"], meta["maxnreg"], meta["BLOCK"]) == (choice["num_warps"], choice["maxnreg"], 16)
+
+
+def test_keys_tell_apart_what_changes_the_kernel():
+    """A tuned configuration is reused only for launches of the same key: anything that
+    changes the compiled kernel or its grid changes the key; the subgraph size within one tile
+    bucket, and the sizes N and B, do not."""
+    def q_of(dtype=torch.float16, d=64, n=100, b=1):
+        return torch.zeros(b, n, 2, d, dtype=dtype)
+
+    def bias_of(dim=3, dtype=torch.float16):
+        return torch.zeros((2,) * (dim - 3) + (4, 64, 64), dtype=dtype)
+
+    base = triton_tuning.key("forward one tile", 64, q_of(), None, pool=False, contiguous=True)
+    assert triton_tuning.key("forward one tile", 33, q_of(n=7, b=3), None, pool=False, contiguous=True) == base
+    variants = [
+        triton_tuning.key("forward one tile, bias loop", 64, q_of(), None, pool=False, contiguous=True),
+        triton_tuning.key("forward one tile", 32, q_of(), None, pool=False, contiguous=True),
+        triton_tuning.key("forward one tile", 64, q_of(d=32), None, pool=False, contiguous=True),
+        triton_tuning.key("forward one tile", 64, q_of(torch.bfloat16), None, pool=False, contiguous=True),
+        triton_tuning.key("forward one tile", 64, q_of(), bias_of(), pool=False, contiguous=True),
+        triton_tuning.key("forward one tile", 64, q_of(), bias_of(4), pool=False, contiguous=True),
+        triton_tuning.key("forward one tile", 64, q_of(), bias_of(dtype=torch.float32), pool=False, contiguous=True),
+        triton_tuning.key("forward one tile", 64, q_of(), None, pool=True, contiguous=True),
+        triton_tuning.key("forward one tile", 64, q_of(), None, pool=False, contiguous=False),
+    ]
+    assert len({base, *variants}) == 1 + len(variants)
+    fp32 = q_of(torch.float32)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = triton_tuning.key("backward tiled", 128, fp32, None, bias_grad=False, contiguous=False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_tuning.key("backward tiled", 128, fp32, None, bias_grad=False, contiguous=False) != exact
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_compile_check_names_what_rules_a_candidate_out(monkeypatch):
+    """Each reason the compile check gives, from the compiler's reports of the candidate's
+    launches: a compile error, a spill (but a declared one), shared memory over the limit."""
+    from sba_kernels.triton_aot import CompileReport, SM_LIMITS
+
+    part, q, k, v, _ = _inputs(40, 11, 0, seed=8)
+    blk = triton_backend.one_tile_blocks(part.index.shape[1], 16, torch.float32)
+    run = functools.partial(triton_backend._forward_one_tile, blk, q.float(), k.float(), v.float(), part.index,
+                            part.lengths, None, 0.25, False, None)
+    limit = SM_LIMITS[90]["shared_per_program"]
+    for fields, why in [
+        (dict(ok=False, error="CompilationError: at 3:4\nmore"), "attention_fwd_one_tile does not compile: CompilationError: at 3:4"),
+        (dict(spill_stores=24, spill_loads=24), "attention_fwd_one_tile spills 24 bytes"),
+        (dict(shared_bytes=limit + 1), f"attention_fwd_one_tile needs {limit + 1} bytes of shared memory"),
+        (dict(shared_bytes=limit), None),
+    ]:
+        report = CompileReport(**{"kernel": "attention_fwd_one_tile", "config": "", "arch": 90, "ok": True, **fields})
+        monkeypatch.setattr(triton_tuning, "_compiled", lambda launch, arch: report)
+        assert triton_tuning.compile_check(run, {"num_warps": 4}, 90) == why
 
 
 def test_candidate_lists():

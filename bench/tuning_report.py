@@ -1,0 +1,172 @@
+"""Compiler facts for every autotuning candidate, and the configuration they favour, on a
+machine without a GPU.
+
+    python bench/tuning_report.py --out bench/results/static/tuning.md
+
+For bf16 at head dim 64 (the sweep's shape), each attention launch the model makes (one tile of
+64 rows, forward and backward, bias none / shared / per head, the bias loop, the bias gradient;
+the tiled kernels at 128 rows, as the inter attention runs them) is planned by the backend itself
+(`triton_backend.forward_plan`, `backward_plan`), and its default configuration and every
+candidate of `triton_tuning.candidates` are recorded and compiled for sm_90 and sm_80
+(`triton_aot.compile_launch`). Registers, spills, programs per SM and ptxas's
+performance-loss lines are compiler facts, not timings.
+
+The rule a machine without a GPU can apply (`triton_tuning`'s default), checked here: among
+configurations that compile on both architectures with no spill (but a declared one,
+`triton_backend.ACCEPTED_SPILLS`), no shared memory over the limit and no performance-loss line,
+the widest query tile (each query tile of a subgraph reads all its keys and values again: the
+bytes), then the most warps resident per SM on sm_90 (programs per SM x warps, the least over
+the launches of a backward: latency hiding), then the most programs per SM, then the first
+listed (the default first). A GPU timing overrides it where one was made
+(`triton_backend.BIAS_LOOP_FORWARD_OPTIONS`, `BIAS_GRAD_OPTIONS_64_ROWS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import subprocess
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from sba_kernels import triton_aot, triton_backend as tb, triton_tuning
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = (90, 80)
+DTYPE, HEAD_DIM, H, B = torch.bfloat16, 64, 8, 1
+
+
+def _tensors(m: int, bias_kind):
+    """q and a [1, m] one-subgraph index, lengths, lse and a bias of ``bias_kind`` (CPU; nothing runs)."""
+    q = torch.zeros(B, m, H, HEAD_DIM, dtype=DTYPE)
+    index, lengths = torch.arange(m, dtype=torch.int32).view(1, m), torch.tensor([m], dtype=torch.int32)
+    bias = None if bias_kind is None else torch.zeros(((H,) if bias_kind == "per_head" else ()) + (1, m, m), dtype=DTYPE)
+    return q, index, lengths, torch.zeros(B, H, m), bias
+
+
+def cases() -> list[tuple[str, contextlib.AbstractContextManager, triton_tuning.Plan]]:
+    """(label, context the plan runs in, plan) for every launch the report covers."""
+    rows = []
+    for m in (64, 128):
+        for bias_kind in (None, "shared", "per_head"):
+            q, index, lengths, lse, bias = _tensors(m, bias_kind)
+            loops = (False, True) if (bias is not None and m == 64) else (False,)
+            for loop in loops:         # the one-tile forward's two forms, the loop forced on one subgraph
+                ctx = (lambda: tb.bias_tuning(min_parts=1, min_pairs=1)) if loop else contextlib.nullcontext
+                with ctx():
+                    plan = tb.forward_plan(q, q, q, index, lengths, bias, 0.125, False)
+                rows.append((f"M={m} forward, bias {bias_kind}{', bias loop' if loop else ''}", ctx, plan))
+            for grad in ((False, True) if bias is not None else (False,)):
+                if m == 128 and bias is not None and not grad:
+                    continue           # the tiled backward with a frozen bias: its dQ/dKdV as with a trained one
+                plan = tb.backward_plan(q, q, q, q, q, lse, index, lengths, bias, 0.125, grad)
+                rows.append((f"M={m} backward, bias {bias_kind}{', bias gradient' if grad else ''}",
+                             contextlib.nullcontext, plan))
+    return rows
+
+
+def launches_of(ctx, plan: triton_tuning.Plan, choice) -> list[triton_aot.Launch]:
+    with ctx(), triton_aot.recording() as recorded:
+        plan.run(choice)
+    return [triton_aot.Launch.recorded(kernel, args, meta) for kernel, _grid, args, meta in recorded]
+
+
+def _compile(job):
+    launch, arch = job
+    with triton_aot.cold_cache():
+        return triton_aot.compile_launch(launch, arch)
+
+
+def compile_all(jobs: list, workers: int) -> dict:
+    """(launch, arch) -> CompileReport, over ``workers`` processes."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # the default, said out loud (triton 3.9 warns)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(jobs, pool.map(_compile, jobs, chunksize=4)))
+
+
+def facts(reports: list) -> dict:
+    """A configuration's launches summed up: usable or why not, and its sm_90 occupancy."""
+    why = ""
+    for r in reports:
+        if not r.ok:
+            why = f"sm_{r.arch} compile error"
+        elif r.spills and not r.spill_accepted:
+            why = why or f"sm_{r.arch} spills {max(r.spill_stores, r.spill_loads)} B ({r.kernel})"
+        elif r.shared_over_limit:
+            why = why or f"sm_{r.arch} shared memory {r.shared_bytes} B"
+        elif r.ptxas_warnings:
+            why = why or f"sm_{r.arch} ptxas: performance loss ({r.kernel})"
+    on90 = [r for r in reports if r.arch == 90 and r.ok]
+    return dict(
+        why=why,
+        rows=max(r.meta.get("BLOCK_M", r.meta.get("BLOCK", 0)) for r in reports),
+        regs=max((r.registers for r in on90), default=0),
+        programs=min((r.programs_per_sm for r in on90), default=0),
+        warps=min((r.programs_per_sm * r.threads // 32 for r in on90), default=0),
+        regs80=max((r.registers for r in reports if r.arch == 80 and r.ok), default=0),
+    )
+
+
+def favoured(rows: list[tuple[object, dict]]):
+    """The rule of the module docstring over ``(choice, facts)`` rows (the default first)."""
+    usable = [(i, f) for i, (_, f) in enumerate(rows) if not f["why"]]
+    if not usable:
+        return None
+    return max(usable, key=lambda t: (t[1]["rows"], t[1]["warps"], t[1]["programs"], -t[0]))[0]
+
+
+def describe(choice) -> str:
+    return "default" if choice is None else ", ".join(f"{k}={v}" for k, v in choice.items())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "static" / "tuning.md")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+
+    table = []               # (label, [(choice, [launches])])
+    for label, ctx, plan in cases():
+        table.append((label, [(choice, launches_of(ctx, plan, choice)) for choice in [None, *plan.candidates()]]))
+    jobs = list(dict.fromkeys((launch, arch) for _, configs in table for _, ls in configs for launch in ls
+                              for arch in ARCHS))
+    print(f"{len(jobs)} compiles", flush=True)
+    reports = compile_all(jobs, args.workers)
+
+    import triton
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--", "sba_kernels") else "")
+    summary = ["| launch | default | favoured by the compiles | same |", "| --- | --- | --- | --- |"]
+    details = []
+    for label, configs in table:
+        rows = [(choice, facts([reports[launch, arch] for launch in ls for arch in ARCHS])) for choice, ls in configs]
+        best = favoured(rows)
+        default_launches = configs[0][1]
+        same = best is not None and configs[best][1] == default_launches
+        summary.append(f"| {label} | {describe(None) if not rows[0][1]['why'] else 'default: ' + rows[0][1]['why']} | "
+                       f"{'none usable' if best is None else describe(rows[best][0])} | {'yes' if same else 'no'} |")
+        details += ["", f"### {label}", "",
+                    "| configuration | query rows | sm_90 registers | sm_90 programs / SM | sm_90 warps / SM | "
+                    "sm_80 registers | ruled out |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for i, (choice, f) in enumerate(rows):
+            mark = " **(favoured)**" if i == best else ""
+            details.append(f"| {describe(choice)}{mark} | {f['rows']} | {f['regs']} | {f['programs']} | {f['warps']} | "
+                           f"{f['regs80']} | {f['why']} |")
+    lines = [f"# Autotuning candidates compiled (compiler facts, not timings): bf16, d = {HEAD_DIM}, H = {H}",
+             "", f"`python bench/tuning_report.py` at {commit or 'an unknown commit'}, triton {triton.__version__}, "
+             f"torch {torch.__version__}; {len(jobs)} compiles for sm_90 and sm_80.", "",
+             __doc__.split("\n\n")[3].replace("\n", " "), "",
+             "`same`: the favoured configuration launches exactly the default's kernels. The default's "
+             "`maxnreg` is 255, but where `BIAS_LOOP_FORWARD_OPTIONS` caps it at 168.", "", *summary, *details]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
