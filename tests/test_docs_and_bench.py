@@ -230,3 +230,29 @@ def test_runs_layout_is_consecutive_runs_with_nested_levels(n, size):
         assert torch.equal(level.assignment, torch.arange(tokens) // 64)
         tokens = level.num_parts
     assert tokens <= 2048 and (len(levels) > 0) == (parts > 2048)
+
+
+def test_tuning_report_applies_the_written_rule(monkeypatch):
+    """`bench/tuning_report.py`'s pick, on made-up compile reports: a configuration that spills
+    (but the declared spill), overflows shared memory or draws a performance-loss line is out;
+    then the widest query tile, the most warps per SM on sm_90, the most programs, the first."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import tuning_report
+    from sba_kernels.triton_aot import SM_LIMITS, CompileReport
+
+    def config(rows, programs, warps, **bad):
+        reports = [CompileReport(**{"kernel": "attention_fwd", "config": "", "arch": arch, "ok": True,
+                                    "meta": {"BLOCK_M": rows}, "programs_per_sm": programs, "threads": 32 * warps,
+                                    **(bad if arch == 90 else {})}) for arch in (90, 80)]
+        return tuning_report.facts(reports)
+
+    pick = lambda *rows: tuning_report.favoured(list(enumerate(rows)))   # noqa: E731
+    assert pick(config(32, 4, 4), config(64, 2, 4)) == 1                              # wider tile first
+    assert pick(config(64, 2, 4), config(64, 2, 8)) == 1                              # then warps per SM
+    assert pick(config(64, 4, 4), config(64, 2, 8)) == 0                              # 16 vs 16: more programs
+    assert pick(config(64, 2, 8), config(64, 2, 8)) == 0                              # a tie: the first
+    limit = SM_LIMITS[90]["shared_per_program"]
+    for bad in (dict(spill_stores=8), dict(shared_bytes=limit + 1), dict(ptxas_warnings="Potential Performance Loss"),
+                dict(ok=False, error="x")):
+        assert pick(config(64, 2, 8, **bad), config(32, 1, 4)) == 1, bad
+    assert pick(config(64, 2, 8, ok=False, error="x")) is None
