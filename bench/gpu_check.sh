@@ -8,8 +8,8 @@
 #   PYTEST_ARGS="-n 8 --maxfail 30" bash bench/gpu_check.sh tests   (default: -x, one process)
 #
 # A device call is capped at 10 minutes, so nothing here may take the whole call with it:
-# * every stage runs under `timeout` (STAGE_S seconds, default 150), and a stage that hits it
-#   is reported and the next stage runs;
+# * every stage runs under `timeout` (STAGE_S seconds, default 150; autotune AUTOTUNE_S, 300),
+#   and a stage that hits it is reported and the next stage runs;
 # * `build` compiles the cuda backend's extension (cached for the stages after it);
 # * `tests` runs only the GPU tests (`-m gpu`), stopping at the first failure, 120 s per test;
 # * the sweep rewrites scaling.csv/json after every point, so a killed sweep keeps its points;
@@ -75,7 +75,9 @@ for s in $stages; do
                     'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
         autotune)   # triton_tuning: tuned against default configurations, N = 1e5 and 1e6, M = 64
-            stage autotune autotune.log python3 bench/autotune.py --n 100000 1000000 --out "$OUT/autotune.md" ;;
+            # its own limit (AUTOTUNE_S, default 300): each key compiles its candidates before timing them
+            STAGE_S=${AUTOTUNE_S:-300} stage autotune autotune.log \
+                python3 bench/autotune.py --n 100000 1000000 --out "$OUT/autotune.md" ;;
         sweep)      # the main job at full size
             # shellcheck disable=SC2086  # SWEEP_ARGS is a list of words on purpose
             stage sweep scaling.log python3 bench/scaling.py --out "$OUT/scaling" ${SWEEP_ARGS:-} ;;

@@ -272,11 +272,16 @@ def distinct_configs(launches: list[Launch], arch: int) -> list[Launch]:
     """
     seen: dict[str, Launch] = {}
     for launch in launches:
-        _, signature, constexprs, _attrs, options = _specialize(launch, arch)
-        key = repr((launch.kernel, sorted(signature.items()), sorted(constexprs.items()),
-                    sorted(options.__dict__.items())))
-        seen.setdefault(key, launch)
+        seen.setdefault(config_key(launch, arch), launch)
     return list(seen.values())
+
+
+def config_key(launch: Launch, arch: int) -> str:
+    """What one compiled binary is for: kernel, argument types, constexprs and options (not
+    the values of the integers Triton does not specialise on, such as N)."""
+    _, signature, constexprs, _attrs, options = _specialize(launch, arch)
+    return repr((launch.kernel, sorted(signature.items()), sorted(constexprs.items()),
+                 sorted(options.__dict__.items())))
 
 
 def compile_launch(launch: Launch, arch: int) -> CompileReport:

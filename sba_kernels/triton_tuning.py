@@ -238,14 +238,16 @@ def compile_check(run: Callable[[Choice], object], choice: dict, arch: int) -> O
     return None
 
 
-_REPORTS: dict[tuple, object] = {}
+_REPORTS: dict[str, object] = {}
 
 
 def _compiled(launch, arch: int):
-    """`triton_aot.compile_launch` once per launch and arch, in a cold cache (ptxas's log)."""
+    """`triton_aot.compile_launch` once per configuration (`triton_aot.config_key`: a launch at
+    another N reuses it), in a cold cache (ptxas's log)."""
     from . import triton_aot
 
-    if (launch, arch) not in _REPORTS:
+    config = triton_aot.config_key(launch, arch)
+    if config not in _REPORTS:
         with triton_aot.cold_cache():
-            _REPORTS[launch, arch] = triton_aot.compile_launch(launch, arch)
-    return _REPORTS[launch, arch]
+            _REPORTS[config] = triton_aot.compile_launch(launch, arch)
+    return _REPORTS[config]

@@ -270,6 +270,15 @@ for need_dbias in (True, False):
     run = functools.partial(tb._backward_one_tile, blk, q, q, q, q, lse, index, lengths,
                             bias if need_dbias else None, 0.125, need_dbias, None)
     print(need_dbias, triton_tuning.compile_check(run, {"num_warps": 4, "maxnreg": 168}, 90))
+
+from sba_kernels import triton_aot
+def config_at(n, dtype=torch.bfloat16):      # the compile a launch at n nodes needs
+    x = torch.zeros(B, n, H, d, dtype=dtype)
+    with triton_aot.recording() as launches:
+        tb._forward_one_tile(blk, x, x, x, index, lengths, None, 0.125, False, None)
+    (kernel, _grid, args, meta), = launches
+    return triton_aot.config_key(triton_aot.Launch.recorded(kernel, args, meta), 90)
+print(config_at(64) == config_at(6400) == config_at(65), config_at(64) == config_at(64, torch.float16))
 """
 
 
@@ -279,9 +288,10 @@ def test_compile_check_prunes_a_spill_for_sm_90():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    with_grad, without = out.stdout.strip().splitlines()
+    with_grad, without, configs = out.stdout.strip().splitlines()
     assert with_grad.startswith("True attention_bwd_one_tile spills"), with_grad
     assert without == "False None"
+    assert configs == "True False"        # sizes are do_not_specialize: one binary for any N; not any dtype
 
 
 @pytest.mark.gpu
