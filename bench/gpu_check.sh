@@ -74,10 +74,14 @@ for s in $stages; do
                     'intra[cuda]' 'intra[torch]' \
                     'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
-        autotune)   # triton_tuning: tuned against default configurations, N = 1e5 and 1e6, M = 64
-            # its own limit (AUTOTUNE_S, default 300): each key compiles its candidates before timing them
-            STAGE_S=${AUTOTUNE_S:-300} stage autotune autotune.log \
-                python3 bench/autotune.py --n 100000 1000000 --out "$OUT/autotune.md" ;;
+        autotune)   # triton_tuning: tuned against default configurations, N = 1e5 and 1e6; M = 64 (the
+                    # one-tile kernels) and 128 (the tiled ones, where bench/results/static/tuning.md's
+                    # rule picks other tiles than the defaults). Own limit (AUTOTUNE_S, default 300 s):
+                    # each key compiles its candidates before timing them
+            for m in 64 128; do
+                STAGE_S=${AUTOTUNE_S:-300} stage "autotune-m$m" "autotune-m$m.log" \
+                    python3 bench/autotune.py --n 100000 1000000 --subgraph-size "$m" --out "$OUT/autotune-m$m.md"
+            done ;;
         sweep)      # the main job at full size
             # shellcheck disable=SC2086  # SWEEP_ARGS is a list of words on purpose
             stage sweep scaling.log python3 bench/scaling.py --out "$OUT/scaling" ${SWEEP_ARGS:-} ;;
