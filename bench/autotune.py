@@ -46,10 +46,10 @@ def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple
     rows = []
     for name, fn in passes.items():
         with triton_tuning.autotuning(False):
-            default = do_bench(fn)
+            default = do_bench(fn, return_mode="median")
         with triton_tuning.autotuning(True):
             fn()                                   # tunes this pass's keys
-            tuned = do_bench(fn)
+            tuned = do_bench(fn, return_mode="median")
         rows.append(f"| {n:,} | {M} | {bias_kind} | {name} | {default:.3f} | {tuned:.3f} | {default / tuned:.2f} |")
     return rows, describe_trials(f"N = {n:,}, M = {M}, bias {bias_kind}")
 

@@ -294,19 +294,16 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
     from . import triton_kernels
 
     config, meta = launch.describe(), dict(launch.meta)
-    saved_log_knob = knobs.nvidia.dump_ptxas_log
     try:
         target, signature, constexprs, attrs, options = _specialize(launch, arch)
         log = io.StringIO()
-        knobs.nvidia.dump_ptxas_log = True
-        with contextlib.redirect_stdout(log):
+        with knobs.nvidia.scope(), contextlib.redirect_stdout(log):      # scope: the knob and its env var restored
+            knobs.nvidia.dump_ptxas_log = True
             compiled = triton.compile(ASTSource(getattr(triton_kernels, launch.kernel), signature, constexprs, attrs),
                                       target=target, options=options.__dict__)
     except Exception as err:  # a compile error is the finding: report it, keep compiling the rest
         return CompileReport(launch.kernel, config, arch, ok=False, meta=meta,
                              error=f"{type(err).__name__}: {err}"[:2000])
-    finally:
-        knobs.nvidia.dump_ptxas_log = saved_log_knob
     text = log.getvalue()
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     usage = _resource_usage(compiled.asm["cubin"])
@@ -330,13 +327,9 @@ def cold_cache() -> Iterator[None]:
     the log `compile_launch` reads spills from (a cache hit would skip it)."""
     from triton import knobs
 
-    saved = knobs.cache.dir
-    with tempfile.TemporaryDirectory(prefix="sba-aot-cache-") as cache:
-        knobs.cache.dir = cache
-        try:
-            yield
-        finally:
-            knobs.cache.dir = saved
+    with tempfile.TemporaryDirectory(prefix="sba-aot-cache-") as cache, knobs.cache.scope():
+        knobs.cache.dir = cache        # scope: the old dir and TRITON_CACHE_DIR come back after
+        yield
 
 
 # ----------------------------------------------------------------------------- 3. shard

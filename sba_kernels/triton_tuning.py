@@ -33,13 +33,16 @@ device, the first launch of each `key`:
 Later launches with that key run the kept configuration; `trials` shows what was tried. A
 configuration is a dict of `triton_backend.Blocks` fields (``m``, ``n``, ``num_warps``,
 ``num_stages``, ``maxnreg``) that replace the default's; ``None`` is the default itself.
-Tuning compiles every candidate (about a second each) before timing it: the first call of a
-key takes seconds, the rest none.
+Tuning compiles every candidate (about a second each) before timing it, and the JIT compiles
+it again when it first runs: the first call of a key takes seconds (tens of seconds for a tiled
+backward), the rest none. Tune from one thread: while a key is being tuned, the launches it
+records (`triton_aot.recording`, a process-wide switch) would catch another thread's launches too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable, Iterator, NamedTuple, Optional
 
@@ -71,10 +74,11 @@ ENABLED = os.environ.get("SBA_AUTOTUNE", "0") not in ("", "0")
 
 
 def _gpu_time(fn: Callable[[], object]) -> float:
-    """Milliseconds per call of ``fn`` on the GPU (median over about 50 ms of calls)."""
+    """Milliseconds per call of ``fn`` on the GPU: the median over about 50 ms of calls (L2
+    flushed between them), so that one slow call does not decide."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=10, rep=50)
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 # How a candidate is timed: ``TIMER(fn) -> milliseconds``. A test swaps in its own.
@@ -188,16 +192,21 @@ def launch(plan: Plan):
 
 def _gpu(device: torch.device) -> Optional[tuple[str, int]]:
     """(name, sm architecture as 90 for sm_90) of a CUDA ``device``; None for any other."""
-    from .triton_aot import SM_LIMITS
-
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_facts(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)      # asked on every launch while tuning is on
+def _cuda_facts(index: int) -> tuple[str, int]:
+    from .triton_aot import SM_LIMITS
+
+    major, minor = torch.cuda.get_device_capability(index)
     arch = 10 * major + minor
     if arch not in SM_LIMITS:
         raise RuntimeError(f"autotuning knows the limits of sm_{', sm_'.join(map(str, sorted(SM_LIMITS)))}; "
                            f"this GPU is sm_{arch}: unset SBA_AUTOTUNE to run the default configurations")
-    return torch.cuda.get_device_name(device), arch
+    return torch.cuda.get_device_name(index), arch
 
 
 def _tune(run: Callable[[Choice], object], gpu_key: tuple, candidates: list[dict], arch: int) -> Choice:
