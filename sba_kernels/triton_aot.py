@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -132,15 +133,20 @@ def kernels() -> list[str]:
 # ----------------------------------------------------------------------------- 1. record
 @contextlib.contextmanager
 def recording() -> Iterator[list]:
-    """Inside the block the backend's launch functions append their launches to the list
-    yielded, as ``(kernel, grid, args, meta)``, instead of running them."""
+    """Inside the block the backend's launch functions, called from this thread, append their
+    launches to the list yielded, as ``(kernel, grid, args, meta)``, instead of running them;
+    other threads' launches run."""
     from . import triton_backend
 
-    triton_backend.LAUNCH_RECORDER = []
-    try:
-        yield triton_backend.LAUNCH_RECORDER
-    finally:
-        triton_backend.LAUNCH_RECORDER = None
+    with _ONE_RECORDING:      # two threads tuning at once take turns
+        triton_backend.LAUNCH_RECORDER, triton_backend.RECORDING_THREAD = [], threading.get_ident()
+        try:
+            yield triton_backend.LAUNCH_RECORDER
+        finally:
+            triton_backend.LAUNCH_RECORDER, triton_backend.RECORDING_THREAD = None, None
+
+
+_ONE_RECORDING = threading.Lock()
 
 
 def _freeze(value):

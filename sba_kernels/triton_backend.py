@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -151,11 +152,14 @@ def _node_ids(index: torch.Tensor, starts: Optional[torch.Tensor]) -> tuple[torc
 # When a list, launches are appended to it as (kernel, grid, args, meta) instead of run:
 # `triton_aot` records every configuration the backend launches this way, on any machine, and
 # compiles each one for a GPU ahead of time.
+# With RECORDING_THREAD set (`triton_aot.recording` sets it), only that thread's launches are
+# recorded: autotuning records a candidate's launches while other threads may be running kernels.
 LAUNCH_RECORDER: Optional[list] = None
+RECORDING_THREAD: Optional[int] = None
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
-    if LAUNCH_RECORDER is not None:
+    if LAUNCH_RECORDER is not None and RECORDING_THREAD in (None, threading.get_ident()):
         LAUNCH_RECORDER.append((kernel, grid, args, meta))
         return
     kernel[grid](*args, **meta)

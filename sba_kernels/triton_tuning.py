@@ -35,8 +35,7 @@ configuration is a dict of `triton_backend.Blocks` fields (``m``, ``n``, ``num_w
 ``num_stages``, ``maxnreg``) that replace the default's; ``None`` is the default itself.
 Tuning compiles every candidate (about a second each) before timing it, and the JIT compiles
 it again when it first runs: the first call of a key takes seconds (tens of seconds for a tiled
-backward), the rest none. Tune from one thread: while a key is being tuned, the launches it
-records (`triton_aot.recording`, a process-wide switch) would catch another thread's launches too.
+backward), the rest none.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -178,7 +178,9 @@ def launch(plan: Plan):
         return plan.run(None)
     from . import triton_backend
 
-    gpu = _gpu(plan.q.device) if triton_backend.LAUNCH_RECORDER is None else None
+    recording_here = triton_backend.LAUNCH_RECORDER is not None and triton_backend.RECORDING_THREAD in (
+        None, threading.get_ident())
+    gpu = None if recording_here else _gpu(plan.q.device)
     if gpu is None:
         return plan.run(None)
     name, arch = gpu

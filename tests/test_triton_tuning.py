@@ -329,3 +329,23 @@ def test_tuning_on_the_gpu(monkeypatch):
             assert timed[0][1] is None and kept[key] == min(timed, key=lambda t: t[0])[1]
     finally:
         triton_tuning.forget()
+
+
+def test_recording_leaves_other_threads_launches_running():
+    """While one thread records launches (as tuning does to compile-check a candidate), another
+    thread's attention runs its kernels and returns the reference's numbers, and none of its
+    launches lands in the recording."""
+    import threading
+
+    from sba_kernels import triton_aot
+
+    part, q, k, v, _ = _inputs(60, 11, 0, seed=9)
+    q, k, v = (t.float() for t in (q, k, v))
+    result = {}
+    with triton_aot.recording() as launches:
+        other = threading.Thread(target=lambda: result.setdefault(
+            "out", sk.intra_attention(q, k, v, part, backend="triton").detach()))
+        other.start()
+        other.join()
+    assert launches == []
+    assert rel_err(result["out"], dense_masked_attention(q.double(), k.double(), v.double(), part)) < 1e-5
