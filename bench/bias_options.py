@@ -66,10 +66,10 @@ def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:
     for name, (loop, options) in FORWARD_CHOICES.items():
         with triton_backend.bias_tuning(min_parts=1 if loop else never, min_pairs=1 if loop else never,
                                         loop_forward_options=options):
-            times.append(("forward", name, do_bench(forward)))
+            times.append(("forward", name, do_bench(forward, return_mode="median")))
     for name, options in BACKWARD_CHOICES.items():
         with triton_backend.bias_tuning(grad_options_64_rows=options):
-            times.append(("forward+backward", name, do_bench(forward_backward)))
+            times.append(("forward+backward", name, do_bench(forward_backward, return_mode="median")))
     rows = []
     for what in ("forward", "forward+backward"):
         best = min(ms for w, _, ms in times if w == what)
