@@ -2,10 +2,12 @@
 machine without a GPU.
 
     python bench/tuning_report.py --out bench/results/static/tuning.md
+    python bench/tuning_report.py --dtype fp16 --head-dim 32 --out bench/results/static/tuning-fp16-d32.md
 
-For bf16 at head dim 64 (the sweep's shape), each attention launch the model makes (one tile of
-64 rows, forward and backward, bias none / shared / per head, the bias loop, the bias gradient;
-the tiled kernels at 128 rows, as the inter attention runs them) is planned by the backend itself
+For bf16 at head dim 64 (the sweep's shape; others by option), each attention launch the model
+makes (the one-tile kernels at their widest tile, forward and backward, bias none / shared / per
+head, the bias loop, the bias gradient; the tiled kernels at 128 rows, as the inter attention
+runs them) is planned by the backend itself
 (`triton_backend.forward_plan`, `backward_plan`), and its default configuration and every
 candidate of `triton_tuning.candidates` are recorded and compiled for sm_90 and sm_80
 (`triton_aot.compile_launch`). Registers, spills, programs per SM and ptxas's
@@ -37,31 +39,34 @@ from sba_kernels import triton_aot, triton_backend as tb, triton_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (90, 80)
-DTYPE, HEAD_DIM, H, B = torch.bfloat16, 64, 8, 1
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+H, B = 8, 1
 
 
-def _tensors(m: int, bias_kind):
+def _tensors(m: int, bias_kind, dtype: torch.dtype, head_dim: int):
     """q and a [1, m] one-subgraph index, lengths, lse and a bias of ``bias_kind`` (CPU; nothing runs)."""
-    q = torch.zeros(B, m, H, HEAD_DIM, dtype=DTYPE)
+    q = torch.zeros(B, m, H, head_dim, dtype=dtype)
     index, lengths = torch.arange(m, dtype=torch.int32).view(1, m), torch.tensor([m], dtype=torch.int32)
-    bias = None if bias_kind is None else torch.zeros(((H,) if bias_kind == "per_head" else ()) + (1, m, m), dtype=DTYPE)
+    bias = None if bias_kind is None else torch.zeros(((H,) if bias_kind == "per_head" else ()) + (1, m, m), dtype=dtype)
     return q, index, lengths, torch.zeros(B, H, m), bias
 
 
-def cases() -> list[tuple[str, contextlib.AbstractContextManager, triton_tuning.Plan]]:
+def cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, contextlib.AbstractContextManager, triton_tuning.Plan]]:
     """(label, context the plan runs in, plan) for every launch the report covers."""
+    widest_one_tile = tb.ONE_TILE_CAP.get(("16bit", head_dim), 0)
     rows = []
-    for m in (64, 128):
+    for m in sorted({widest_one_tile, 128} - {0}):
+        one_tile = tb.one_tile_blocks(m, head_dim, dtype) is not None
         for bias_kind in (None, "shared", "per_head"):
-            q, index, lengths, lse, bias = _tensors(m, bias_kind)
-            loops = (False, True) if (bias is not None and m == 64) else (False,)
+            q, index, lengths, lse, bias = _tensors(m, bias_kind, dtype, head_dim)
+            loops = (False, True) if (bias is not None and one_tile) else (False,)
             for loop in loops:         # the one-tile forward's two forms, the loop forced on one subgraph
                 ctx = (lambda: tb.bias_tuning(min_parts=1, min_pairs=1)) if loop else contextlib.nullcontext
                 with ctx():
                     plan = tb.forward_plan(q, q, q, index, lengths, bias, 0.125, False)
                 rows.append((f"M={m} forward, bias {bias_kind}{', bias loop' if loop else ''}", ctx, plan))
             for grad in ((False, True) if bias is not None else (False,)):
-                if m == 128 and bias is not None and not grad:
+                if not one_tile and bias is not None and not grad:
                     continue           # the tiled backward with a frozen bias: its dQ/dKdV as with a trained one
                 plan = tb.backward_plan(q, q, q, q, q, lse, index, lengths, bias, 0.125, grad)
                 rows.append((f"M={m} backward, bias {bias_kind}{', bias gradient' if grad else ''}",
@@ -126,11 +131,13 @@ def describe(choice) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "static" / "tuning.md")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--head-dim", type=int, default=64, choices=sorted(d for kind, d in tb.ONE_TILE_CAP if kind == "16bit"))
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
 
     table = []               # (label, [(choice, [launches])])
-    for label, ctx, plan in cases():
+    for label, ctx, plan in cases(DTYPES[args.dtype], args.head_dim):
         table.append((label, [(choice, launches_of(ctx, plan, choice)) for choice in [None, *plan.candidates()]]))
     jobs = list(dict.fromkeys((launch, arch) for _, configs in table for _, ls in configs for launch in ls
                               for arch in ARCHS))
@@ -157,7 +164,7 @@ def main(argv=None) -> int:
             mark = " **(favoured)**" if i == best else ""
             details.append(f"| {describe(choice)}{mark} | {f['rows']} | {f['regs']} | {f['programs']} | {f['warps']} | "
                            f"{f['regs80']} | {f['why']} |")
-    lines = [f"# Autotuning candidates compiled (compiler facts, not timings): bf16, d = {HEAD_DIM}, H = {H}",
+    lines = [f"# Autotuning candidates compiled (compiler facts, not timings): {args.dtype}, d = {args.head_dim}, H = {H}",
              "", f"`python bench/tuning_report.py` at {commit or 'an unknown commit'}, triton {triton.__version__}, "
              f"torch {torch.__version__}; {len(jobs)} compiles for sm_90 and sm_80.", "",
              __doc__.split("\n\n")[3].replace("\n", " "), "",
