@@ -51,8 +51,8 @@ def _tensors(m: int, bias_kind, dtype: torch.dtype, head_dim: int):
     return q, index, lengths, torch.zeros(B, H, m), bias
 
 
-def cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, contextlib.AbstractContextManager, triton_tuning.Plan]]:
-    """(label, context the plan runs in, plan) for every launch the report covers."""
+def cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, triton_tuning.Plan]]:
+    """(label, plan) for every launch the report covers."""
     widest_one_tile = tb.ONE_TILE_CAP.get(("16bit", head_dim), 0)
     rows = []
     for m in sorted({widest_one_tile, 128} - {0}):
@@ -61,21 +61,19 @@ def cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, contextlib.Abstr
             q, index, lengths, lse, bias = _tensors(m, bias_kind, dtype, head_dim)
             loops = (False, True) if (bias is not None and one_tile) else (False,)
             for loop in loops:         # the one-tile forward's two forms, the loop forced on one subgraph
-                ctx = (lambda: tb.bias_tuning(min_parts=1, min_pairs=1)) if loop else contextlib.nullcontext
-                with ctx():
+                with tb.bias_tuning(min_parts=1, min_pairs=1) if loop else contextlib.nullcontext():
                     plan = tb.forward_plan(q, q, q, index, lengths, bias, 0.125, False)
-                rows.append((f"M={m} forward, bias {bias_kind}{', bias loop' if loop else ''}", ctx, plan))
+                rows.append((f"M={m} forward, bias {bias_kind}{', bias loop' if loop else ''}", plan))
             for grad in ((False, True) if bias is not None else (False,)):
                 if not one_tile and bias is not None and not grad:
                     continue           # the tiled backward with a frozen bias: its dQ/dKdV as with a trained one
                 plan = tb.backward_plan(q, q, q, q, q, lse, index, lengths, bias, 0.125, grad)
-                rows.append((f"M={m} backward, bias {bias_kind}{', bias gradient' if grad else ''}",
-                             contextlib.nullcontext, plan))
+                rows.append((f"M={m} backward, bias {bias_kind}{', bias gradient' if grad else ''}", plan))
     return rows
 
 
-def launches_of(ctx, plan: triton_tuning.Plan, choice) -> list[triton_aot.Launch]:
-    with ctx(), triton_aot.recording() as recorded:
+def launches_of(plan: triton_tuning.Plan, choice) -> list[triton_aot.Launch]:
+    with triton_aot.recording() as recorded:
         plan.run(choice)
     return [triton_aot.Launch.recorded(kernel, args, meta) for kernel, _grid, args, meta in recorded]
 
@@ -96,15 +94,9 @@ def compile_all(jobs: list, workers: int) -> dict:
 def facts(reports: list) -> dict:
     """A configuration's launches summed up: usable or why not, and its sm_90 occupancy."""
     why = ""
-    for r in reports:
-        if not r.ok:
-            why = f"sm_{r.arch} compile error"
-        elif r.spills and not r.spill_accepted:
-            why = why or f"sm_{r.arch} spills {max(r.spill_stores, r.spill_loads)} B ({r.kernel})"
-        elif r.shared_over_limit:
-            why = why or f"sm_{r.arch} shared memory {r.shared_bytes} B"
-        elif r.ptxas_warnings:
-            why = why or f"sm_{r.arch} ptxas: performance loss ({r.kernel})"
+    for r in reports:         # the first reason found: what the tuning's compile check says, or a ptxas line
+        problem = r.unusable or (r.ok and r.ptxas_warnings and "ptxas: performance loss")
+        why = why or (f"sm_{r.arch} {problem} ({r.kernel})" if problem else "")
     on90 = [r for r in reports if r.arch == 90 and r.ok]
     return dict(
         why=why,
@@ -137,8 +129,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     table = []               # (label, [(choice, [launches])])
-    for label, ctx, plan in cases(DTYPES[args.dtype], args.head_dim):
-        table.append((label, [(choice, launches_of(ctx, plan, choice)) for choice in [None, *plan.candidates()]]))
+    for label, plan in cases(DTYPES[args.dtype], args.head_dim):
+        table.append((label, [(choice, launches_of(plan, choice)) for choice in [None, *plan.candidates()]]))
     jobs = list(dict.fromkeys((launch, arch) for _, configs in table for _, ls in configs for launch in ls
                               for arch in ARCHS))
     print(f"{len(jobs)} compiles", flush=True)

@@ -110,6 +110,18 @@ class CompileReport:
         return self.shared_bytes > SM_LIMITS[self.arch]["shared_per_program"]
 
     @property
+    def unusable(self) -> str:
+        """Why this configuration must not run ("" when it may): a compile error, a spill other
+        than the declared one (`spill_accepted`), or shared memory over the limit."""
+        if not self.ok:
+            return f"does not compile: {self.error.splitlines()[0]}"
+        if self.spills and not self.spill_accepted:
+            return f"spills {max(self.spill_stores, self.spill_loads)} bytes"
+        if self.shared_over_limit:
+            return f"needs {self.shared_bytes} bytes of shared memory"
+        return ""
+
+    @property
     def spill_accepted(self) -> bool:
         """Whether this spill is one `triton_backend.ACCEPTED_SPILLS` declares: same kernel and
         arch, every meta value it names equal in ``meta``, at most its bytes each way."""

@@ -181,7 +181,7 @@ def forward_plan(q, k, v, index, lengths, bias, scale, pool: bool, starts=None) 
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
         bias_loop = uses_bias_loop(P, _pairs_per_bias_tile(q, bias))
-        run = functools.partial(_forward_one_tile, blk, q, k, v, index, lengths, bias, scale, pool, starts)
+        run = functools.partial(_forward_one_tile, blk, q, k, v, index, lengths, bias, scale, pool, starts, bias_loop)
         kind = "forward one tile, bias loop" if bias_loop else "forward one tile"
     else:
         blk = blocks_for(M, q.shape[3], q.dtype)
@@ -269,17 +269,16 @@ def bias_tuning(min_parts: Optional[int] = None, min_pairs: Optional[int] = None
         BIAS_LOOP_MIN_PARTS, BIAS_LOOP_MIN_PAIRS, BIAS_LOOP_FORWARD_OPTIONS, BIAS_GRAD_OPTIONS_64_ROWS = saved
 
 
-def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, starts, choice=None):
-    """One program per subgraph and (batch, head), or per bias tile (`uses_bias_loop`):
-    `triton_kernels.attention_fwd_one_tile`. ``choice``: an autotuned configuration
-    (`triton_tuning`) in place of the default launch options."""
+def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, starts, bias_loop: bool, choice=None):
+    """One program per subgraph and (batch, head), or, with ``bias_loop`` (`uses_bias_loop`, as
+    `forward_plan` decided it), per bias tile: `triton_kernels.attention_fwd_one_tile`.
+    ``choice``: an autotuned configuration (`triton_tuning`) in place of the default options."""
     B, N, H, d = q.shape
     P, M = index.shape
     o = _new((B, N, H, d), q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
     pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
     shared = bias is not None and bias.dim() == 3
-    bias_loop = uses_bias_loop(P, _pairs_per_bias_tile(q, bias))
     blk = blk.chosen(BIAS_LOOP_FORWARD_OPTIONS if bias_loop and choice is None else choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),

@@ -240,12 +240,8 @@ def compile_check(run: Callable[[Choice], object], choice: dict, arch: int) -> O
         run(choice)
     for kernel, _grid, args, meta in launches:
         report = _compiled(triton_aot.Launch.recorded(kernel, args, meta), arch)
-        if not report.ok:
-            return f"{report.kernel} does not compile: {report.error.splitlines()[0]}"
-        if report.spills and not report.spill_accepted:
-            return f"{report.kernel} spills {max(report.spill_stores, report.spill_loads)} bytes"
-        if report.shared_over_limit:
-            return f"{report.kernel} needs {report.shared_bytes} bytes of shared memory"
+        if report.unusable:
+            return f"{report.kernel} {report.unusable}"
     return None
 
 

@@ -179,7 +179,7 @@ def test_candidates_reach_the_launch():
     for choice in triton_tuning.one_tile_candidates():
         for launches in (
             recorded(triton_backend._forward_one_tile, one, q, k, v, small.index, small.lengths, None, 0.25, False,
-                     None, choice=choice),
+                     None, False, choice=choice),
             recorded(triton_backend._backward_one_tile, one, q, q, k, v, lse, small.index, small.lengths, None, 0.25,
                      False, None, choice=choice),
         ):
@@ -230,7 +230,7 @@ def test_compile_check_names_what_rules_a_candidate_out(monkeypatch):
     part, q, k, v, _ = _inputs(40, 11, 0, seed=8)
     blk = triton_backend.one_tile_blocks(part.index.shape[1], 16, torch.float32)
     run = functools.partial(triton_backend._forward_one_tile, blk, q.float(), k.float(), v.float(), part.index,
-                            part.lengths, None, 0.25, False, None)
+                            part.lengths, None, 0.25, False, None, False)
     limit = SM_LIMITS[90]["shared_per_program"]
     for fields, why in [
         (dict(ok=False, error="CompilationError: at 3:4\nmore"), "attention_fwd_one_tile does not compile: CompilationError: at 3:4"),
@@ -275,7 +275,7 @@ from sba_kernels import triton_aot
 def config_at(n, dtype=torch.bfloat16):      # the compile a launch at n nodes needs
     x = torch.zeros(B, n, H, d, dtype=dtype)
     with triton_aot.recording() as launches:
-        tb._forward_one_tile(blk, x, x, x, index, lengths, None, 0.125, False, None)
+        tb._forward_one_tile(blk, x, x, x, index, lengths, None, 0.125, False, None, False)
     (kernel, _grid, args, meta), = launches
     return triton_aot.config_key(triton_aot.Launch.recorded(kernel, args, meta), 90)
 print(config_at(64) == config_at(6400) == config_at(65), config_at(64) == config_at(64, torch.float16))
