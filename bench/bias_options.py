@@ -8,11 +8,10 @@ compiles alone, whose register counts are compiler facts, not timings; this is w
 
 * the forward: one program per (subgraph, batch, head), or one per bias tile looping over the
   pairs that read it (reads the bias once), and that loop's register cap;
-* the backward that sums the bias gradient: its warps and register cap (8 warps at 238-244
-  registers, one program per SM, the choice from compiles; 4 warps, the choice now; a cap of
-  168 that spills; with Triton 3.8 or later, each pass of its pair loop a function call, 158-162
-  registers without a spill but with wgmma serialised). The backward is timed as
-  forward+backward, with the backend's forward.
+* the backward that sums the bias gradient: its warps and register cap (8 warps, the choice
+  from compiles when 4 took 247-255 registers; 4 warps, the choice the timing made; a cap of 168,
+  which spilled then; 4 warps now take 163-164 registers, no spill, `triton_kernels._pair_grads`).
+  The backward is timed as forward+backward, with the backend's forward.
 
 Workload as `scaling.py`: bf16, B = 1, H = 8, d = 64, METIS subgraphs of at most 64 on a k-NN
 graph, and a bias ``[P, M, M]`` (shared by heads) or ``[H, P, M, M]`` (per head) drawn from
@@ -46,8 +45,6 @@ BACKWARD_CHOICES = {
     "4 warps, maxnreg 255": {"num_warps": 4},
     "4 warps, maxnreg 168": {"num_warps": 4, "maxnreg": 168},
 }
-if triton_backend.pair_call_supported():
-    BACKWARD_CHOICES["4 warps, each pair a call"] = triton_backend.BIAS_GRAD_PAIR_CALL_OPTIONS
 
 
 def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:

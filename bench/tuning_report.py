@@ -14,9 +14,8 @@ candidate of `triton_tuning.candidates` are recorded and compiled for sm_90 and 
 performance-loss lines are compiler facts, not timings.
 
 The rule a machine without a GPU can apply (`triton_tuning`'s default), checked here: among
-configurations that compile on both architectures with no spill (but a declared one,
-`triton_backend.ACCEPTED_SPILLS`), no shared memory over the limit and no performance-loss line,
-the widest query tile (each query tile of a subgraph reads all its keys and values again: the
+configurations that compile on both architectures with no spill, no shared memory over the
+limit and no performance-loss line, the widest query tile (each query tile of a subgraph reads all its keys and values again: the
 bytes), then the most warps resident per SM on sm_90 (programs per SM x warps, the least over
 the launches of a backward: latency hiding), then the most programs per SM, then the first
 listed (the default first). A GPU timing overrides it where one was made

@@ -111,26 +111,15 @@ class CompileReport:
 
     @property
     def unusable(self) -> str:
-        """Why this configuration must not run ("" when it may): a compile error, a spill other
-        than the declared one (`spill_accepted`), or shared memory over the limit."""
+        """Why this configuration must not run ("" when it may): a compile error, a spill, or
+        shared memory over the limit."""
         if not self.ok:
             return f"does not compile: {self.error.splitlines()[0]}"
-        if self.spills and not self.spill_accepted:
+        if self.spills:
             return f"spills {max(self.spill_stores, self.spill_loads)} bytes"
         if self.shared_over_limit:
             return f"needs {self.shared_bytes} bytes of shared memory"
         return ""
-
-    @property
-    def spill_accepted(self) -> bool:
-        """Whether this spill is one `triton_backend.ACCEPTED_SPILLS` declares: same kernel and
-        arch, every meta value it names equal in ``meta``, at most its bytes each way."""
-        from .triton_backend import ACCEPTED_SPILLS
-
-        return any(self.kernel == a["kernel"] and self.arch == a["arch"]
-                   and max(self.spill_stores, self.spill_loads) <= a["max_bytes"]
-                   and all(k in self.meta and self.meta[k] == v for k, v in a["meta"].items())
-                   for a in ACCEPTED_SPILLS)
 
 
 def kernels() -> list[str]:
@@ -190,9 +179,6 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
             tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
     for need_dbias in ((False, True) if bias is not None else (False,)):     # a bias can be frozen
         tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=need_dbias)
-    if bias is not None and tb.pair_call_supported():     # the loop's other form, for bench/bias_options.py
-        with tb.bias_tuning(grad_options_64_rows=tb.BIAS_GRAD_PAIR_CALL_OPTIONS):
-            tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=True)
 
 
 def _record_segment_mean(dtype: torch.dtype, channels: int) -> None:

@@ -207,8 +207,9 @@ def _pairs_per_bias_tile(q: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
 #   pair per tile: nothing to share) 1.17x slower. So it runs from BIAS_LOOP_MIN_PAIRS pairs per
 #   tile (4: between the two points measured, not timed itself), and from BIAS_LOOP_MIN_PARTS
 #   subgraphs (1024, about 8 per SM of an H100: fewer programs would leave SMs idle; a guess).
-#   Its loop is capped at 168 registers: at 255 ptxas takes 193 with a shared bias and the loop
-#   ran 1.23x slower; at 168 no configuration spills on sm_80 or sm_90 (compile report).
+#   Its loop is capped at 168 registers: at 255 ptxas took 193 with a shared bias and the loop
+#   ran 1.23x slower; at 168 no configuration spills on sm_80 or sm_90 (compile report). (Since
+#   LLVM may not hoist out of that loop, uncapped it would take 162-177: the cap stays.)
 # * Backward summing the bias gradient: its loop keeps a [BLOCK, BLOCK] fp32 accumulator live.
 #   At 64 rows and N = 1e6, forward+backward with 4 warps (249-255 registers; a shared bias
 #   spills 8 bytes on sm_90) ran 1.43-1.44x faster than with 8 warps (238-244 registers, no
@@ -216,39 +217,20 @@ def _pairs_per_bias_tile(q: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
 #   4 warps capped at 168 (200-330 bytes of spills). At N = 1e5 with a shared bias the cap of
 #   168 was 1.14x faster instead; the larger N decided, where the kernels, not the host, take
 #   the time. BIAS_GRAD_OPTIONS_64_ROWS names the choice (it equals `one_tile_blocks`' own 4
-#   warps) so that `bench/bias_options.py` can time the others against it: launch options, and
-#   ``PAIR_CALL`` for the kernel's form of the loop. BIAS_GRAD_PAIR_CALL_OPTIONS, each pass of
-#   the loop a function call (`triton_kernels._pair_grads_call`: 158-162 registers and no spill
-#   on sm_90, wgmma serialised), is not timed yet.
+#   warps) so that `bench/bias_options.py` can time the others against it. Since those timings
+#   the loop's body and launch changed (`triton_kernels._pair_grads`: no hoisting out of the
+#   loop, no FMA contraction, dq before dk): 163-164 registers at 4 warps, no spill, three
+#   programs per SM on sm_90 with Triton 3.9 (compiler facts; not timed).
 BIAS_LOOP_MIN_PARTS = 1024
 BIAS_LOOP_MIN_PAIRS = 4
 BIAS_LOOP_FORWARD_OPTIONS = {"maxnreg": 168}
 BIAS_GRAD_OPTIONS_64_ROWS = {"num_warps": 4}
-BIAS_GRAD_PAIR_CALL_OPTIONS = {"num_warps": 4, "PAIR_CALL": True}
-
-
-def pair_call_supported() -> bool:
-    """Whether this Triton compiles ``PAIR_CALL``: a non-inlined function returning a tensor.
-    Triton 3.6 and 3.7 refuse it (the returned tensor's layout does not match the function's
-    type); 3.8 and 3.9 compile it (ahead-of-time compiles for sm_90, 2026-11-26)."""
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 8)
 
 
 def uses_bias_loop(num_parts: int, pairs_per_tile: int) -> bool:
     """Whether the one-tile forward runs one program per bias tile: ``num_parts`` subgraphs,
     ``pairs_per_tile`` (batch, head) pairs reading each bias tile (0 without a bias)."""
     return num_parts >= BIAS_LOOP_MIN_PARTS and pairs_per_tile >= max(1, BIAS_LOOP_MIN_PAIRS)
-
-
-# The one spill a GPU timing chose over spill-free launches (BIAS_GRAD_OPTIONS_64_ROWS above):
-# the one-tile backward summing a shared bias's gradient, 64-row tiles, 4 warps, on sm_90, which
-# stores and loads 4 bytes (8 when it was timed). The compile check (`triton_aot.spill_accepted`)
-# refuses every other spill, and this one past ``max_bytes``.
-ACCEPTED_SPILLS = (
-    {"kernel": "attention_bwd_one_tile", "arch": 90, "max_bytes": 16,
-     "meta": {"BIAS_GRAD": True, "SHARED_BIAS": True, "BLOCK": 64, "num_warps": 4, "maxnreg": 255}},
-)
 
 
 @contextlib.contextmanager
@@ -358,10 +340,7 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
     # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias).
     grid = (P, (1 if shared else H) if need_dbias else B * H)
     dbias = torch.zeros_like(bias) if need_dbias else dq
-    options = dict(BIAS_GRAD_OPTIONS_64_ROWS) if need_dbias and blk.m >= 64 and choice is None else {}
-    pair_call = options.pop("PAIR_CALL", False)
-    if pair_call and not pair_call_supported():
-        raise RuntimeError(f"PAIR_CALL needs Triton 3.8 or later; this is Triton {triton.__version__}")
+    options = BIAS_GRAD_OPTIONS_64_ROWS if need_dbias and blk.m >= 64 and choice is None else None
     blk = blk.chosen(options or choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_bwd_one_tile, grid,
@@ -369,7 +348,8 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
         *_bias_strides(bias), B, H, N, M, contiguous, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
-        SHARED_BIAS=shared, PAIR_CALL=pair_call, PRECISION=_precision(q.dtype), **blk.options(),
+        SHARED_BIAS=shared, PRECISION=_precision(q.dtype), **blk.options(),
+        enable_fp_fusion=not need_dbias,     # registers of the bias-gradient loop: `triton_kernels._pair_grads`
     )
     return dq, dk, dv, dbias if need_dbias else q.new_empty(0)
 

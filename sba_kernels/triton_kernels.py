@@ -272,10 +272,11 @@ def attention_fwd_one_tile(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths,
         heads = H if SHARED_BIAS else 1
         slots = tl.arange(0, BLOCK)               # the bias is indexed by slot: no node ids needed
         bias = _one_tile_bias(Bias, bias_off, slots, slots < length, s_bi, HAS_BIAS)
-        for i in range(0, B * heads):
-            # ``i * zero`` is 0, but the compiler cannot know it: the rows' address and mask
-            # tiles are rebuilt each pass instead of hoisted out of the loop, where they would
-            # hold registers for the whole loop and spill.
+        # Nothing is hoisted out of this loop: not by LLVM (``disable_licm``, see `_pair_grads`),
+        # and not the rows, whose start ``i * zero`` is 0 without the compiler knowing it. Their
+        # address and mask tiles are rebuilt each pass instead of holding registers for the
+        # whole loop.
+        for i in tl.range(0, B * heads, disable_licm=True):
             _, pass_mask, pass_rows = _tile_rows(Index, part, i * zero, length, M, contiguous, BLOCK)
             _one_tile_output(Q, K, V, O, LSE, Pooled, bias, pass_mask, pass_rows, offs_d, (i // heads).to(tl.int64),
                              h0 + i % heads, part, length, *strides, H, N, P, pool, qk_scale,
@@ -434,42 +435,46 @@ def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h
     v = _load_tile(V, _row_offsets(rows, b, h, s_vb, s_vn, s_vh), mask, offs_d, HEAD_DIM)
     dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dk = _dot(tl.trans(ds).to(q.dtype), q, PRECISION)
-    _store_tile(DK, grad_rows, mask, offs_d, dk * scale, HEAD_DIM)
     dq = _dot(ds.to(k.dtype), k, PRECISION)
     _store_tile(DQ, grad_rows, mask, offs_d, dq * scale, HEAD_DIM)
+    dk = _dot(tl.trans(ds).to(q.dtype), q, PRECISION)
+    _store_tile(DK, grad_rows, mask, offs_d, dk * scale, HEAD_DIM)
     return ds
 
 
-def _pair_grads_body(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, M, contiguous, bias_off, b, h,
-                     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-                     s_gb, s_gn, s_gh, s_bi, H, N, qk_scale, scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """`_one_tile_grads` of (batch ``b``, head ``h``) of subgraph ``part`` from scalars alone:
-    its rows and bias tile are gathered here. ``start`` is the first slot, 0, passed in so that
-    a caller looping over pairs can hide that it is the same every pass. Returns ds."""
+@triton.jit
+def _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, M, contiguous, bias_off, b, h,
+                s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                s_gb, s_gn, s_gh, s_bi, H, N, qk_scale, scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """`_one_tile_grads` of (batch ``b``, head ``h``) of subgraph ``part``, its rows and bias
+    tile gathered here. ``start`` is the first slot, 0, passed in so that a caller looping over
+    pairs can hide that it is the same every pass. Returns ds.
+
+    Inside the bias-gradient loop of `attention_bwd_one_tile` this body takes 163-164
+    registers, no spill, three programs of 128 threads per SM (64 rows, bf16, d = 64, sm_90,
+    Triton 3.9; compiler facts, bench/results/static/kernels.md), near the 116-120 of one
+    pair without the loop, because of two things; with neither it took 247-255 and two
+    programs per SM:
+
+    * the loop may not be hoisted from (``tl.range(..., disable_licm=True)``): LLVM moved every
+      per-thread constant of the body (lane offsets of each shared-memory layout conversion,
+      element coordinates of the masks) out of it, holding registers through the whole loop;
+    * that launch turns FMA contraction off (``enable_fp_fusion=False``, `triton_backend`):
+      contracted, ``dbias += p * (dp - delta)`` became one FMA placed after the dq and dk
+      products, so p and ``dp - delta`` (two fp32 tiles) stayed live through them where ds
+      alone would. dq before dk saves a few more (per-head bias: 178 -> 164).
+
+    Triton 3.6 compiles the same source to 196-217 registers, two programs per SM. (A form
+    that called this body as a function the compiler may not inline took 158-162 registers,
+    but ptxas serialised its wgmma instructions; it went once the inlined form fit.)
+    """
     slots, mask, rows = _tile_rows(Index, part, start, length, M, contiguous, BLOCK)
     bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
     return _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, tl.arange(0, BLOCK_D), b, h,
                            s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
                            s_gb, s_gn, s_gh, H, N, qk_scale, scale, HEAD_DIM, HAS_BIAS, PRECISION)
-
-
-# One body, two ways to run it inside the bias-gradient loop of `attention_bwd_one_tile`:
-# * inlined (`_pair_grads`): LLVM hoists every per-thread constant of the body (lane offsets
-#   of each shared-memory layout conversion, element coordinates of the masks) out of the
-#   loop, where they hold about 90 registers for the whole loop: 249-255 registers at 64 rows,
-#   bf16, d = 64 on sm_90 (compiler facts, bench/results/static/kernels.md);
-# * called (`_pair_grads_call`, ``PAIR_CALL``): a function the compiler may not inline, which
-#   Triton allows only with scalar arguments, hence the body above. Its constants are rebuilt
-#   on every call: 158-162 registers, no spill, three programs per SM. The cost: ptxas
-#   serialises the wgmma instructions of a called function (warning C7510; each 64x64x16 step
-#   waits for the one before).
-# Which is faster is for a GPU to say (`bench/bias_options.py`); BIAS_GRAD_OPTIONS_64_ROWS in
-# `triton_backend` holds the choice.
-_pair_grads = triton.jit(_pair_grads_body)
-_pair_grads_call = triton.jit(noinline=True)(_pair_grads_body)
 
 
 @triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'contiguous', 'zero'])
@@ -478,7 +483,7 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
                            s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, B, H, N, M, contiguous, zero, qk_scale, scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_BIAS: tl.constexpr,
-                           PAIR_CALL: tl.constexpr, PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr):
     """The whole backward of subgraphs that fit one tile (``M <= BLOCK``), in one launch.
 
     A subgraph's queries and keys are the same rows, so one program loads its q, k, v, dO and
@@ -491,8 +496,8 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
     gradient sums ds over what the bias is broadcast over, so one program owns each bias tile
     and loops over those pairs in a fixed order: grid (P, H) looping over the batch for a
     per-head bias, (P, 1) looping over batch and heads for a ``SHARED_BIAS``. Deterministic and
-    without atomics; q, k, v, dO and lse are read once, the bias tile once per pair.
-    ``PAIR_CALL``: each pass of that loop is a call (`_pair_grads_call`) rather than inlined.
+    without atomics; q, k, v, dO and lse are read once, the bias tile once per pair. The
+    loop's register count, and the launch options it needs: `_pair_grads`.
     """
     part = tl.program_id(0)
     length = tl.load(Lengths + part)
@@ -506,20 +511,15 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
     else:
         heads = H if SHARED_BIAS else 1
         dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
-        for i in range(0, B * heads):
+        for i in tl.range(0, B * heads, disable_licm=True):     # no hoisting: see `_pair_grads`
             # Rows and bias are rebuilt each pass (``i * zero`` is 0, but the compiler cannot
             # know it): hoisted out of the loop, their [BLOCK, BLOCK] address and mask tiles
             # would stay in registers for the whole loop and spill. So the bias tile is read
             # once per pair here (from cache after the first), not once per program.
             b, h = (i // heads).to(tl.int64), h0 + i % heads
-            if PAIR_CALL:
-                dbias += _pair_grads_call(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
-                                          contiguous, bias_off, b, h, *strides, H, N, qk_scale, scale,
-                                          HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
-            else:
-                dbias += _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
-                                     contiguous, bias_off, b, h, *strides, H, N, qk_scale, scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
+            dbias += _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
+                                 contiguous, bias_off, b, h, *strides, H, N, qk_scale, scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
         slots = tl.arange(0, BLOCK)
         mask = slots < length
         tl.store(DBias + _bias_tile_offsets(bias_off, slots, slots, s_bi), dbias.to(DBias.dtype.element_ty),

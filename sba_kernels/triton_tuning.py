@@ -4,8 +4,7 @@ on the GPU that runs it.
 **Off (the default)**, every launch runs the configuration of `triton_backend.one_tile_blocks` /
 `blocks_for` and the bias options beside them. The rule for choosing it without a GPU, from
 compiles alone (compiler facts): among configurations that compile for sm_80 and sm_90 with no
-spill (but `triton_backend.ACCEPTED_SPILLS`), no shared memory over the limit and no ptxas
-performance-loss line, take
+spill, no shared memory over the limit and no ptxas performance-loss line, take
 
 1. the widest query tile (each query tile of a subgraph reads all its keys and values again);
 2. then the most warps resident per SM on sm_90 (programs per SM x warps; latency hiding);
@@ -24,8 +23,8 @@ device, the first launch of each `key`:
 1. lists its candidates (`candidates`) and the default;
 2. prunes them by the compile check: each candidate's launches are recorded (not run) and
    compiled for this GPU's architecture by `triton_aot.compile_launch`; a candidate goes when
-   one of them fails to compile, spills (other than `triton_backend.ACCEPTED_SPILLS`) or asks
-   for more shared memory than a program may have (`triton_aot.SM_LIMITS`);
+   one of them fails to compile, spills or asks for more shared memory than a program may
+   have (`triton_aot.SM_LIMITS`);
 3. times the rest with `TIMER` (``triton.testing.do_bench``) on the call's own tensors, and
    keeps the fastest; the default is always timed (first: a tie goes to it), so a tuned key is
    never slower than the default by the timer's own measure.

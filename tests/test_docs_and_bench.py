@@ -233,9 +233,9 @@ def test_runs_layout_is_consecutive_runs_with_nested_levels(n, size):
 
 
 def test_tuning_report_applies_the_written_rule(monkeypatch):
-    """`bench/tuning_report.py`'s pick, on made-up compile reports: a configuration that spills
-    (but the declared spill), overflows shared memory or draws a performance-loss line is out;
-    then the widest query tile, the most warps per SM on sm_90, the most programs, the first."""
+    """`bench/tuning_report.py`'s pick, on made-up compile reports: a configuration that spills,
+    overflows shared memory or draws a performance-loss line is out; then the widest query
+    tile, the most warps per SM on sm_90, the most programs, the first."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import tuning_report
     from sba_kernels.triton_aot import SM_LIMITS, CompileReport

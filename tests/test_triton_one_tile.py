@@ -61,30 +61,22 @@ def test_one_tile_blocks_follow_the_cap_table():
 
 def _combinations():
     """Every case with every bias kind, one program per (batch, head); the bias loop (one
-    program per bias tile) only where there is a bias, at head dim 32 (its code is dim-free);
-    the bias-gradient backward with each pair a call (``PAIR_CALL``) where its 64-row tile
-    takes `triton_backend.BIAS_GRAD_OPTIONS_64_ROWS`."""
+    program per bias tile) only where there is a bias, at head dim 32 (its code is dim-free)."""
     ids = ["fp32", "fp32-d24", "fp16", "fp16-d24", "fp16-d128"]
     for case, name in zip(CASES, ids):
         for bias_kind in (None, "shared", "per_head", "shared-frozen", "per_head-frozen"):
-            yield pytest.param(*case, bias_kind, False, False, id=f"{name}-{bias_kind}-pair-programs")
+            yield pytest.param(*case, bias_kind, False, id=f"{name}-{bias_kind}-pair-programs")
             if bias_kind is not None and case[1] == 32:
-                yield pytest.param(*case, bias_kind, True, False, id=f"{name}-{bias_kind}-bias-loop")
-            if bias_kind in ("shared", "per_head") and case[2] == 64:
-                yield pytest.param(*case, bias_kind, False, True, id=f"{name}-{bias_kind}-pair-call",
-                                   marks=pytest.mark.skipif(not triton_backend.pair_call_supported(),
-                                                            reason="PAIR_CALL needs Triton 3.8 or later"))
+                yield pytest.param(*case, bias_kind, True, id=f"{name}-{bias_kind}-bias-loop")
 
 
-@pytest.mark.parametrize("dtype,head_dim,max_size,tol,bias_kind,bias_loop,pair_call", list(_combinations()))
+@pytest.mark.parametrize("dtype,head_dim,max_size,tol,bias_kind,bias_loop", list(_combinations()))
 def test_one_tile_kernels_match_the_reference(launched, monkeypatch, dtype, head_dim, max_size, tol, bias_kind,
-                                              bias_loop, pair_call):
+                                              bias_loop):
     # The bias loop (one program per bias tile) starts at BIAS_LOOP_MIN_PARTS subgraphs and
     # BIAS_LOOP_MIN_PAIRS pairs per bias tile: 1 and 1 force it.
     monkeypatch.setattr(triton_backend, "BIAS_LOOP_MIN_PARTS", 1 if bias_loop else 10**9)
     monkeypatch.setattr(triton_backend, "BIAS_LOOP_MIN_PAIRS", 1)
-    if pair_call:
-        monkeypatch.setattr(triton_backend, "BIAS_GRAD_OPTIONS_64_ROWS", triton_backend.BIAS_GRAD_PAIR_CALL_OPTIONS)
     seed = torch.randint(0, 2**31 - 1, (1,)).item()
     g = torch.Generator().manual_seed(seed)
     frozen = bias_kind is not None and bias_kind.endswith("-frozen")     # a bias without a gradient
@@ -113,7 +105,9 @@ def test_one_tile_kernels_match_the_reference(launched, monkeypatch, dtype, head
 
     assert [k for k in launched if k.startswith("attention")] == ["attention_fwd_one_tile", "attention_bwd_one_tile"]
     assert launched.metas[launched.index("attention_fwd_one_tile")]["BIAS_LOOP"] == bias_loop
-    assert launched.metas[launched.index("attention_bwd_one_tile")]["PAIR_CALL"] == pair_call
+    # the bias-gradient loop runs without FMA contraction (its registers: triton_kernels._pair_grads)
+    bias_grad = bias_kind is not None and not frozen
+    assert launched.metas[launched.index("attention_bwd_one_tile")]["enable_fp_fusion"] == (not bias_grad)
     assert rel_err(o.cpu(), o_ref) <= tol, f"seed {seed}"
     assert rel_err(z.cpu(), z_ref) <= tol, f"seed {seed}"
     for a, b in zip(ours, ref):
