@@ -219,7 +219,7 @@ def _pairs_per_bias_tile(q: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
 #   the time. BIAS_GRAD_OPTIONS_64_ROWS names the choice (it equals `one_tile_blocks`' own 4
 #   warps) so that `bench/bias_options.py` can time the others against it. Since those timings
 #   the loop's body and launch changed (`triton_kernels._pair_grads`: no hoisting out of the
-#   loop, no FMA contraction, dq before dk): 163-164 registers at 4 warps, no spill, three
+#   loop, no FMA contraction, dq before dk): 163-165 registers at 4 warps, no spill, three
 #   programs per SM on sm_90 with Triton 3.9 (compiler facts; not timed).
 BIAS_LOOP_MIN_PARTS = 1024
 BIAS_LOOP_MIN_PAIRS = 4
@@ -349,7 +349,8 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
         *_bias_strides(bias), B, H, N, M, contiguous, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
         SHARED_BIAS=shared, PRECISION=_precision(q.dtype), **blk.options(),
-        enable_fp_fusion=not need_dbias,     # registers of the bias-gradient loop: `triton_kernels._pair_grads`
+        # no FMA contraction in the bias-gradient loop (its registers: `triton_kernels._pair_grads`)
+        **({"enable_fp_fusion": False} if need_dbias else {}),
     )
     return dq, dk, dv, dbias if need_dbias else q.new_empty(0)
 

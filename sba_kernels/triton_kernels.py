@@ -452,10 +452,10 @@ def _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, 
     tile gathered here. ``start`` is the first slot, 0, passed in so that a caller looping over
     pairs can hide that it is the same every pass. Returns ds.
 
-    Inside the bias-gradient loop of `attention_bwd_one_tile` this body takes 163-164
-    registers, no spill, three programs of 128 threads per SM (64 rows, bf16, d = 64, sm_90,
-    Triton 3.9; compiler facts, bench/results/static/kernels.md), near the 116-120 of one
-    pair without the loop, because of two things; with neither it took 247-255 and two
+    Inside the bias-gradient loop of `attention_bwd_one_tile` this body takes 163-165
+    registers, no spill, three programs of 128 threads per SM (64 rows, fp16 and bf16, d = 64,
+    sm_90, Triton 3.9; compiler facts, bench/results/static/kernels.md), near the 116-118 of
+    one pair without the loop, because of two things; with neither it took 247-255 and two
     programs per SM:
 
     * the loop may not be hoisted from (``tl.range(..., disable_licm=True)``): LLVM moved every
@@ -467,7 +467,7 @@ def _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, 
       alone would. dq before dk saves a few more (per-head bias: 178 -> 164).
 
     Triton 3.6 compiles the same source to 196-217 registers, two programs per SM. (A form
-    that called this body as a function the compiler may not inline took 158-162 registers,
+    that called this body as a function the compiler may not inline took 158-161 registers,
     but ptxas serialised its wgmma instructions; it went once the inlined form fit.)
     """
     slots, mask, rows = _tile_rows(Index, part, start, length, M, contiguous, BLOCK)
