@@ -8,7 +8,7 @@ For each N, a k-NN graph (k = 8) on random points in the unit square, as `bench/
 builds it, and for each target size T two partitions: the plain ``partition_graph(adj,
 ceil(N / T))`` and the capped ``partition_graph(adj, max_size=T)``. For each, the size
 distribution and the edge weight cut; then the backend's own launch grids, recorded through
-`sba_kernels.triton_backend.LAUNCH_RECORDER` from ``attention_forward`` and
+`sba_kernels.triton_aot.recording` from ``attention_forward`` and
 ``attention_backward`` (with a shared bias, so that the dBias launch is there too) on dummy
 tensors of the right shape (B = 1, H = 1, fp16; bf16 gets the same tiles). For each launch: its
 tile rows, the programs each subgraph gets per (batch, head), the share of launched programs
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scaling import environment, write_atomic  # noqa: E402
 
-from sba_kernels import Partition, triton_backend  # noqa: E402
+from sba_kernels import Partition, triton_aot, triton_backend  # noqa: E402
 from sba_model import knn_adjacency, partition_graph, to_csr  # noqa: E402
 
 # The subgraph-tiled kernels: the launch argument holding the tiles per subgraph, and the meta
@@ -70,15 +70,11 @@ def record_launches(partition: Partition, head_dim: int) -> list[tuple]:
     # Nothing launches, so one stored row per tensor serves (zero strides over nodes).
     node = torch.zeros(1, 1, 1, head_dim, dtype=torch.float16).expand(1, n, 1, head_dim)
     bias = torch.zeros((), dtype=torch.float16).expand(parts, width, width)
-    triton_backend.LAUNCH_RECORDER = []
-    try:
+    with triton_aot.recording() as launches:
         o, lse, _ = triton_backend.attention_forward(node, node, node, partition.index, partition.lengths, bias,
                                                      head_dim ** -0.5, False)
         triton_backend.attention_backward(node, node, node, node, o, lse, partition.index, partition.lengths, bias,
                                           head_dim ** -0.5, need_dbias=True)
-        launches = triton_backend.LAUNCH_RECORDER
-    finally:
-        triton_backend.LAUNCH_RECORDER = None
     return [(kernel.fn.__name__, grid, dict(zip(kernel.arg_names, args)) | meta)
             for kernel, grid, args, meta in launches]
 

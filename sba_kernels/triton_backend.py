@@ -158,8 +158,13 @@ LAUNCH_RECORDER: Optional[list] = None
 RECORDING_THREAD: Optional[int] = None
 
 
+def recording_here() -> bool:
+    """Whether this thread's launches are being recorded (`LAUNCH_RECORDER`) rather than run."""
+    return LAUNCH_RECORDER is not None and RECORDING_THREAD in (None, threading.get_ident())
+
+
 def _launch(kernel, grid, *args, **meta) -> None:
-    if LAUNCH_RECORDER is not None and RECORDING_THREAD in (None, threading.get_ident()):
+    if recording_here():
         LAUNCH_RECORDER.append((kernel, grid, args, meta))
         return
     kernel[grid](*args, **meta)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import threading
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -177,9 +176,7 @@ def launch(plan: Plan):
         return plan.run(None)
     from . import triton_backend
 
-    recording_here = triton_backend.LAUNCH_RECORDER is not None and triton_backend.RECORDING_THREAD in (
-        None, threading.get_ident())
-    gpu = None if recording_here else _gpu(plan.q.device)
+    gpu = None if triton_backend.recording_here() else _gpu(plan.q.device)
     if gpu is None:
         return plan.run(None)
     name, arch = gpu
@@ -239,8 +236,9 @@ def compile_check(run: Callable[[Choice], object], choice: dict, arch: int) -> O
         run(choice)
     for kernel, _grid, args, meta in launches:
         report = _compiled(triton_aot.Launch.recorded(kernel, args, meta), arch)
-        if report.unusable:
-            return f"{report.kernel} {report.unusable}"
+        why = report.unusable
+        if why:
+            return f"{report.kernel} {why}"
     return None
 
 
