@@ -1,25 +1,26 @@
-"""Compiler facts for every autotuning candidate, and the configuration they favour, on a
-machine without a GPU.
+"""Compiler facts for every autotuning candidate, the configuration they favour, and the table
+of those picks the launches run by default, on a machine without a GPU.
 
-    python bench/tuning_report.py --out bench/results/static/tuning.md
-    python bench/tuning_report.py --dtype fp16 --head-dim 32 --out bench/results/static/tuning-fp16-d32.md
+    python bench/tuning_report.py --dtype bf16 fp16 --head-dim 16 24 32 64 128 --write-picks
 
-For bf16 at head dim 64 (the sweep's shape; others by option), each attention launch the model
-makes (the one-tile kernels at their widest tile, forward and backward, bias none / shared / per
-head, the bias loop, the bias gradient; the tiled kernels at 128 rows, as the inter attention
-runs them) is planned by the backend itself
-(`triton_backend.forward_plan`, `backward_plan`), and its default configuration and every
-candidate of `triton_tuning.candidates` are recorded and compiled for sm_90 and sm_80
-(`triton_aot.compile_launch`). Registers, spills, programs per SM and ptxas's
-performance-loss lines are compiler facts, not timings.
+For each dtype and head dim given, each attention launch the model makes, at every tile bucket
+(16, 32, 64 and 128 rows: the one-tile kernels where a subgraph fits their tile, else the tiled
+ones, which take every subgraph from 128 rows up the same way), forward and backward, bias none /
+shared / per head, the bias loop, with and without the bias gradient, is planned by the backend
+itself (`triton_backend.forward_plan`, `backward_plan`), and the blocks it ran before any pick
+and every candidate of `triton_tuning.candidates` are recorded and compiled for sm_90 and sm_80
+(`triton_aot.compile_launch`). Registers, spills, programs per SM and ptxas's performance-loss
+lines are compiler facts, not timings. One report per (dtype, head dim):
+``bench/results/static/tuning/<dtype>-d<head dim>.md``; with ``--write-picks`` its picks replace
+that (dtype, head dim)'s rows of `sba_kernels/triton_picks.py`.
 
-The rule a machine without a GPU can apply (`triton_tuning`'s default), checked here: among
-configurations that compile on both architectures with no spill, no shared memory over the
-limit and no performance-loss line, the widest query tile (each query tile of a subgraph reads all its keys and values again: the
-bytes), then the most warps resident per SM on sm_90 (programs per SM x warps, the least over
-the launches of a backward: latency hiding), then the most programs per SM, then the first
-listed (the default first). A GPU timing overrides it where one was made
-(`triton_backend.BIAS_LOOP_FORWARD_OPTIONS`, `BIAS_GRAD_OPTIONS_64_ROWS`).
+The rule a machine without a GPU can apply (`triton_tuning`'s default): among candidates that
+compile on both architectures with no spill, no shared memory over the limit and no
+performance-loss line, the widest query tile (each query tile of a subgraph reads all its keys
+and values again: the bytes), then the most warps resident per SM on sm_90 (programs per SM x
+warps, the least over the launches of a backward: latency hiding), then the most programs per
+SM, then the first listed. A GPU timing overrides it where one was made
+(`triton_backend.timed_choice`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ from pathlib import Path
 
 import torch
 
-from sba_kernels import triton_aot, triton_backend as tb, triton_tuning
+from sba_kernels import triton_aot, triton_backend as tb, triton_picks, triton_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "static" / "tuning"
+PICKS_FILE = ROOT / "sba_kernels" / "triton_picks.py"
 ARCHS = (90, 80)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# name -> (dtype, TF32 dots for fp32: torch.backends.cuda.matmul.allow_tf32)
+DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
+          "tf32": (torch.float32, True), "fp32": (torch.float32, False)}
+ROWS = (16, 32, 64, 128)
 H, B = 8, 1
 
 
@@ -50,24 +56,33 @@ def _tensors(m: int, bias_kind, dtype: torch.dtype, head_dim: int):
     return q, index, lengths, torch.zeros(B, H, m), bias
 
 
+@contextlib.contextmanager
+def no_picks():
+    """Plan as if `triton_picks` were empty: the blocks `one_tile_blocks` / `blocks_for` give
+    (and the timed choices), which is what the rule's candidates are compared with."""
+    saved, triton_picks.PICKS = triton_picks.PICKS, {}
+    try:
+        yield
+    finally:
+        triton_picks.PICKS = saved
+
+
 def cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, triton_tuning.Plan]]:
-    """(label, plan) for every launch the report covers."""
-    widest_one_tile = tb.ONE_TILE_CAP.get(("16bit", head_dim), 0)
+    """(label, plan) for every launch the report covers (planned with `no_picks`)."""
     rows = []
-    for m in sorted({widest_one_tile, 128} - {0}):
+    for m in ROWS:
         one_tile = tb.one_tile_blocks(m, head_dim, dtype) is not None
         for bias_kind in (None, "shared", "per_head"):
             q, index, lengths, lse, bias = _tensors(m, bias_kind, dtype, head_dim)
             loops = (False, True) if (bias is not None and one_tile) else (False,)
             for loop in loops:         # the one-tile forward's two forms, the loop forced on one subgraph
-                with tb.bias_tuning(min_parts=1, min_pairs=1) if loop else contextlib.nullcontext():
+                with tb.bias_tuning(min_parts=1, min_pairs=1) if loop else contextlib.nullcontext(), no_picks():
                     plan = tb.forward_plan(q, q, q, index, lengths, bias, 0.125, False)
-                rows.append((f"M={m} forward, bias {bias_kind}{', bias loop' if loop else ''}", plan))
+                rows.append((f"M={m} {plan.kind}, bias {bias_kind}", plan))
             for grad in ((False, True) if bias is not None else (False,)):
-                if not one_tile and bias is not None and not grad:
-                    continue           # the tiled backward with a frozen bias: its dQ/dKdV as with a trained one
-                plan = tb.backward_plan(q, q, q, q, q, lse, index, lengths, bias, 0.125, grad)
-                rows.append((f"M={m} backward, bias {bias_kind}{', bias gradient' if grad else ''}", plan))
+                with no_picks():
+                    plan = tb.backward_plan(q, q, q, q, q, lse, index, lengths, bias, 0.125, grad)
+                rows.append((f"M={m} {plan.kind}, bias {bias_kind}{', bias gradient' if grad else ''}", plan))
     return rows
 
 
@@ -108,61 +123,123 @@ def facts(reports: list) -> dict:
 
 
 def favoured(rows: list[tuple[object, dict]]):
-    """The rule of the module docstring over ``(choice, facts)`` rows (the default first)."""
+    """The index of the row the rule of the module docstring picks among ``(choice, facts)``
+    rows of candidates, or None when none is usable."""
     usable = [(i, f) for i, (_, f) in enumerate(rows) if not f["why"]]
     if not usable:
         return None
     return max(usable, key=lambda t: (t[1]["rows"], t[1]["warps"], t[1]["programs"], -t[0]))[0]
 
 
-def describe(choice) -> str:
-    return "default" if choice is None else ", ".join(f"{k}={v}" for k, v in choice.items())
+def describe(choice: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in choice.items())
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "static" / "tuning.md")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--head-dim", type=int, default=64, choices=sorted(d for kind, d in tb.ONE_TILE_CAP if kind == "16bit"))
-    p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args(argv)
+@contextlib.contextmanager
+def dot_precision(tf32: bool):
+    """fp32 dots as TF32 (True) or 3xTF32 inside the block: the backend reads it at each launch."""
+    saved, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
-    table = []               # (label, [(choice, [launches])])
-    for label, plan in cases(DTYPES[args.dtype], args.head_dim):
-        table.append((label, [(choice, launches_of(plan, choice)) for choice in [None, *plan.candidates()]]))
-    jobs = list(dict.fromkeys((launch, arch) for _, configs in table for _, ls in configs for launch in ls
-                              for arch in ARCHS))
-    print(f"{len(jobs)} compiles", flush=True)
-    reports = compile_all(jobs, args.workers)
 
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def report(name: str, head_dim: int, workers: int, commit: str) -> tuple[list[str], dict]:
+    """One (dtype, head dim): the report's lines and its picks (`triton_tuning.pick_key` ->
+    configuration)."""
     import triton
 
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--", "sba_kernels") else "")
-    summary = ["| launch | default | favoured by the compiles | same |", "| --- | --- | --- | --- |"]
-    details = []
-    for label, configs in table:
+    dtype, tf32 = DTYPES[name]
+    table = []               # (label, plan, launches before any pick, [(candidate, launches)])
+    with dot_precision(tf32):
+        for label, plan in cases(dtype, head_dim):
+            table.append((label, plan, launches_of(plan, None),
+                          [(choice, launches_of(plan, choice)) for choice in plan.candidates()]))
+    jobs = list(dict.fromkeys((launch, arch) for *_, base, configs in table
+                              for ls in [base, *(ls for _, ls in configs)] for launch in ls for arch in ARCHS))
+    print(f"{name}, d = {head_dim}: {len(jobs)} compiles", flush=True)
+    reports = compile_all(jobs, workers)
+
+    summary = ["| launch | before the picks | favoured by the compiles | runs by default |", "| --- | --- | --- | --- |"]
+    details, picks = [], {}
+    for label, plan, base, configs in table:
         rows = [(choice, facts([reports[launch, arch] for launch in ls for arch in ARCHS])) for choice, ls in configs]
         best = favoured(rows)
-        default_launches = configs[0][1]
-        same = best is not None and configs[best][1] == default_launches
-        summary.append(f"| {label} | {describe(None) if not rows[0][1]['why'] else 'default: ' + rows[0][1]['why']} | "
-                       f"{'none usable' if best is None else describe(rows[best][0])} | {'yes' if same else 'no'} |")
+        was = next((describe(choice) for choice, ls in configs if ls == base), "not a candidate")
+        bias_grad = plan.flags.get("bias_grad", False)
+        timed = tb.timed_choice(plan.kind, plan.max_len, plan.bias is not None, bias_grad)
+        if best is not None:
+            picks[triton_tuning.pick_key(plan.kind, plan.max_len, plan.q, plan.bias, bias_grad)] = rows[best][0]
+        runs = (f"{describe(timed)} (timed)" if timed is not None else
+                "the blocks before the picks" if best is None else "the favoured")
+        summary.append(f"| {label} | {was} | {'none usable' if best is None else describe(rows[best][0])} | {runs} |")
         details += ["", f"### {label}", "",
-                    "| configuration | query rows | sm_90 registers | sm_90 programs / SM | sm_90 warps / SM | "
+                    "| candidate | query rows | sm_90 registers | sm_90 programs / SM | sm_90 warps / SM | "
                     "sm_80 registers | ruled out |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for i, (choice, f) in enumerate(rows):
             mark = " **(favoured)**" if i == best else ""
             details.append(f"| {describe(choice)}{mark} | {f['rows']} | {f['regs']} | {f['programs']} | {f['warps']} | "
                            f"{f['regs80']} | {f['why']} |")
-    lines = [f"# Autotuning candidates compiled (compiler facts, not timings): {args.dtype}, d = {args.head_dim}, H = {H}",
-             "", f"`python bench/tuning_report.py` at {commit or 'an unknown commit'}, triton {triton.__version__}, "
-             f"torch {torch.__version__}; {len(jobs)} compiles for sm_90 and sm_80.", "",
+    lines = [f"# Autotuning candidates compiled (compiler facts, not timings): {name}, d = {head_dim}, H = {H}",
+             "", f"`python bench/tuning_report.py --dtype {name} --head-dim {head_dim}` at {commit}, triton "
+             f"{triton.__version__}, torch {torch.__version__}; {len(jobs)} compiles for sm_90 and sm_80.", "",
              __doc__.split("\n\n")[3].replace("\n", " "), "",
-             "`same`: the favoured configuration launches exactly the default's kernels. The default's "
-             "`maxnreg` is 255, but where `BIAS_LOOP_FORWARD_OPTIONS` caps it at 168.", "", *summary, *details]
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(summary))
+             "`before the picks`: the candidate that launches exactly the kernels of `one_tile_blocks` / "
+             "`blocks_for` (and the timed choices). `runs by default`: with `sba_kernels/triton_picks.py` "
+             "written from this report, what `triton_backend.default_choice` launches.", "", *summary, *details]
+    return lines, picks
+
+
+def _group(key: tuple) -> tuple:
+    """(dtype, precision, head dim) of a `triton_tuning.pick_key`."""
+    kind, rows, head_dim, dtype, precision, *_ = key
+    return dtype, precision, head_dim
+
+
+def write_picks(picks: dict, source: str) -> None:
+    """Put ``picks`` (one dtype, precision and head dim) in `triton_picks` in place of that
+    group's rows, in this process and in its file."""
+    groups = {_group(k) for k in picks}
+    triton_picks.PICKS = {**{k: v for k, v in triton_picks.PICKS.items() if _group(k) not in groups}, **picks}
+    triton_picks.SOURCES = {**triton_picks.SOURCES, **dict.fromkeys(groups, source)}
+    text = PICKS_FILE.read_text()
+    head = text[:text.index("# (dtype, fp32 dot precision, head dim)")]
+    body = ["# (dtype, fp32 dot precision, head dim) -> the report its picks come from", "SOURCES = {"]
+    body += [f"    {k!r}: {v!r}," for k, v in sorted(triton_picks.SOURCES.items(), key=repr)]
+    body += ["}", "", "# pick_key -> configuration (fields of triton_backend.Blocks)", "PICKS = {"]
+    body += [f"    {k!r}: {v!r}," for k, v in sorted(triton_picks.PICKS.items(), key=repr)]
+    PICKS_FILE.write_text(head + "\n".join(body) + "\n}\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
+    p.add_argument("--head-dim", nargs="+", type=int, default=[64], choices=sorted({d for _, d in tb.ONE_TILE_CAP}))
+    p.add_argument("--out", type=Path, default=OUT, help="folder of the reports")
+    p.add_argument("--write-picks", action="store_true", help=f"update {PICKS_FILE.relative_to(ROOT)}")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+
+    commit = _git("rev-parse", "--short", "HEAD") or "an unknown commit"
+    if _git("status", "--porcelain", "--", "sba_kernels", ":!sba_kernels/triton_picks.py"):
+        commit += " with uncommitted changes"
+    args.out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    for name in args.dtype:
+        for head_dim in args.head_dim:
+            lines, picks = report(name, head_dim, args.workers, commit)
+            path = args.out / f"{name}-d{head_dim}.md"
+            path.write_text("\n".join(lines) + "\n")
+            print(f"wrote {path}", flush=True)
+            if args.write_picks:
+                shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                write_picks(picks, f"{shown} (triton {triton.__version__}, {commit})")
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 
 from . import triton_kernels as kern
-from . import triton_tuning
+from . import triton_picks, triton_tuning
 from .custom_ops import KernelBackend
 
 LOG2E = 1.4426950408889634
@@ -186,12 +186,13 @@ def forward_plan(q, k, v, index, lengths, bias, scale, pool: bool, starts=None) 
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
         bias_loop = uses_bias_loop(P, _pairs_per_bias_tile(q, bias))
-        run = functools.partial(_forward_one_tile, blk, q, k, v, index, lengths, bias, scale, pool, starts, bias_loop)
         kind = "forward one tile, bias loop" if bias_loop else "forward one tile"
+        blk = blk.chosen(default_choice(kind, M, q, bias))
+        run = functools.partial(_forward_one_tile, blk, q, k, v, index, lengths, bias, scale, pool, starts, bias_loop)
     else:
-        blk = blocks_for(M, q.shape[3], q.dtype)
-        run = functools.partial(_forward_tiled, blk, q, k, v, index, lengths, bias, scale, pool)
         kind = "forward tiled"
+        blk = blocks_for(M, q.shape[3], q.dtype).chosen(default_choice(kind, M, q, bias))
+        run = functools.partial(_forward_tiled, blk, q, k, v, index, lengths, bias, scale, pool)
     return triton_tuning.Plan(run, kind, M, q, bias, dict(pool=pool, contiguous=starts is not None))
 
 
@@ -228,8 +229,31 @@ def _pairs_per_bias_tile(q: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
 #   programs per SM on sm_90 with Triton 3.9 (compiler facts; not timed).
 BIAS_LOOP_MIN_PARTS = 1024
 BIAS_LOOP_MIN_PAIRS = 4
-BIAS_LOOP_FORWARD_OPTIONS = {"maxnreg": 168}
-BIAS_GRAD_OPTIONS_64_ROWS = {"num_warps": 4}
+BIAS_LOOP_FORWARD_OPTIONS = {"num_warps": 4, "maxnreg": 168}
+BIAS_GRAD_OPTIONS_64_ROWS = {"num_warps": 4, "maxnreg": 255}
+
+
+def default_choice(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor],
+                   bias_grad: bool = False) -> Optional[dict]:
+    """The configuration a launch runs when it is not autotuned, in place of the blocks of
+    `one_tile_blocks` / `blocks_for`: the choice a GPU timing made where one was made
+    (`timed_choice`), else the one the compile rule favours (`triton_picks.PICKS`, written by
+    `bench/tuning_report.py` from ahead-of-time compiles; the rule: `triton_tuning`), else None
+    (those blocks as they are: a launch the report has not compiled)."""
+    timed = timed_choice(kind, max_len, bias is not None, bias_grad)
+    if timed is not None:
+        return timed
+    return triton_picks.PICKS.get(triton_tuning.pick_key(kind, max_len, q, bias, bias_grad))
+
+
+def timed_choice(kind: str, max_len: int, has_bias: bool, bias_grad: bool) -> Optional[dict]:
+    """`BIAS_LOOP_FORWARD_OPTIONS` for the bias loop, `BIAS_GRAD_OPTIONS_64_ROWS` for the
+    one-tile backward summing a bias gradient over 64-row tiles; None for every other launch."""
+    if kind == "forward one tile, bias loop" and has_bias:
+        return BIAS_LOOP_FORWARD_OPTIONS
+    if kind == "backward one tile" and bias_grad and max_len > 32:
+        return BIAS_GRAD_OPTIONS_64_ROWS
+    return None
 
 
 def uses_bias_loop(num_parts: int, pairs_per_tile: int) -> bool:
@@ -266,7 +290,7 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, sta
     lse = _new((B, H, N), torch.float32, q.device)
     pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
     shared = bias is not None and bias.dim() == 3
-    blk = blk.chosen(BIAS_LOOP_FORWARD_OPTIONS if bias_loop and choice is None else choice)
+    blk = blk.chosen(choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),
         q, k, v, o, lse, pooled, bias if bias is not None else q, ids, lengths,
@@ -325,13 +349,14 @@ def backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: 
     M = index.shape[1]
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
+        kind = "backward one tile"
+        blk = blk.chosen(default_choice(kind, M, q, bias, need_dbias))
         run = functools.partial(_backward_one_tile, blk, do, q, k, v, lse, index, lengths, bias, scale,
                                 need_dbias, starts)
-        kind = "backward one tile"
     else:
-        blk = blocks_for(M, q.shape[3], q.dtype, backward=True)
-        run = functools.partial(_backward_tiled, blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
         kind = "backward tiled"
+        blk = blocks_for(M, q.shape[3], q.dtype, backward=True).chosen(default_choice(kind, M, q, bias, need_dbias))
+        run = functools.partial(_backward_tiled, blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
     return triton_tuning.Plan(run, kind, M, q, bias, dict(bias_grad=need_dbias, contiguous=starts is not None))
 
 
@@ -345,8 +370,7 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
     # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias).
     grid = (P, (1 if shared else H) if need_dbias else B * H)
     dbias = torch.zeros_like(bias) if need_dbias else dq
-    options = BIAS_GRAD_OPTIONS_64_ROWS if need_dbias and blk.m >= 64 and choice is None else None
-    blk = blk.chosen(options or choice)
+    blk = blk.chosen(choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_bwd_one_tile, grid,
         q, k, v, do, lse, dq, dk, dv, dbias, bias if bias is not None else q, ids, lengths,

@@ -163,6 +163,15 @@ def key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], 
             bias_kind, *sorted(flags.items()))
 
 
+def pick_key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], bias_grad: bool) -> tuple:
+    """The key of `triton_picks.PICKS`: `key` without the flags that leave the compiled kernels
+    as they are (``pool`` and ``contiguous`` are runtime arguments the kernels do not
+    specialise on), and with every tiled launch from 128 rows up as one (no tile is wider, so
+    the candidates and their compiles are the same)."""
+    rows = min(max_len, 128) if "tiled" in kind else max_len
+    return key(kind, rows, q, bias, bias_grad=bias_grad)
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

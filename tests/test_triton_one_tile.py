@@ -153,7 +153,7 @@ def test_default_bias_loop_rule_and_launch_options(monkeypatch, bias_kind, batch
         assert fwd["BIAS_LOOP"] and fwd["maxnreg"] == 200 and bwd["num_warps"] == 8
     assert (triton_backend.BIAS_LOOP_MIN_PARTS, triton_backend.BIAS_LOOP_MIN_PAIRS) == (1024, 4)   # restored
     assert (triton_backend.BIAS_LOOP_FORWARD_OPTIONS, triton_backend.BIAS_GRAD_OPTIONS_64_ROWS) == (
-        {"maxnreg": 168}, {"num_warps": 4})
+        {"num_warps": 4, "maxnreg": 168}, {"num_warps": 4, "maxnreg": 255})
 
 
 @pytest.mark.parametrize("bias_kind", ["shared", "per_head"])
