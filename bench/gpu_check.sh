@@ -75,8 +75,8 @@ for s in $stages; do
                     'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
         autotune)   # triton_tuning: tuned against default configurations, N = 1e5 and 1e6; M = 64 (the
-                    # one-tile kernels) and 128 (the tiled ones, where bench/results/static/tuning.md's
-                    # rule picks other tiles than the defaults). Own limit (AUTOTUNE_S, default 270 s,
+                    # one-tile kernels) and 128 (the tiled ones, where the compile rule's picks,
+                    # bench/results/static/tuning/, replaced the blocks). Own limit (AUTOTUNE_S, default 270 s,
                     # two of them in one 600 s call): each key compiles its candidates before timing them
             for m in 64 128; do
                 STAGE_S=${AUTOTUNE_S:-270} stage "autotune-m$m" "autotune-m$m.log" \

@@ -19,7 +19,8 @@ compile on both architectures with no spill, no shared memory over the limit and
 performance-loss line, the widest query tile (each query tile of a subgraph reads all its keys
 and values again: the bytes), then the most warps resident per SM on sm_90 (programs per SM x
 warps, the least over the launches of a backward: latency hiding), then the most programs per
-SM, then the first listed. A GPU timing overrides it where one was made
+SM, then the blocks before the picks (what `one_tile_blocks` / `blocks_for` give), then the
+first listed. A GPU timing overrides it where one was made
 (`triton_backend.timed_choice`).
 """
 
@@ -27,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
+import json
 import multiprocessing
 import os
 import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -98,11 +103,33 @@ def _compile(job):
         return triton_aot.compile_launch(launch, arch)
 
 
-def compile_all(jobs: list, workers: int) -> dict:
-    """(launch, arch) -> CompileReport, over ``workers`` processes."""
+def compile_all(jobs: list, workers: int, cache: Optional[Path] = None) -> dict:
+    """(launch, arch) -> CompileReport, over ``workers`` processes. With ``cache``, a folder,
+    reports found there (same launch, architecture, Triton and kernel source) are read rather
+    than compiled again, and new ones are added to it."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # the default, said out loud (triton 3.9 warns)
+    found = {}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for job in jobs:
+            path = cache / f"{_cache_name(*job)}.json"
+            if path.exists():
+                found[job] = triton_aot.CompileReport(**json.loads(path.read_text()))
+    todo = [job for job in jobs if job not in found]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return dict(zip(jobs, pool.map(_compile, jobs, chunksize=4)))
+        for job, compiled in zip(todo, pool.map(_compile, todo, chunksize=4)):
+            found[job] = compiled
+            if cache is not None:
+                (cache / f"{_cache_name(*job)}.json").write_text(json.dumps(dataclasses.asdict(compiled)))
+    return {job: found[job] for job in jobs}
+
+
+def _cache_name(launch: triton_aot.Launch, arch: int) -> str:
+    import triton
+
+    source = (ROOT / "sba_kernels" / "triton_kernels.py").read_bytes()
+    described = repr((launch, arch, triton.__version__, hashlib.sha256(source).hexdigest()))
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
 def facts(reports: list) -> dict:
@@ -122,13 +149,14 @@ def facts(reports: list) -> dict:
     )
 
 
-def favoured(rows: list[tuple[object, dict]]):
+def favoured(rows: list[tuple[object, dict]], before: Optional[int] = None):
     """The index of the row the rule of the module docstring picks among ``(choice, facts)``
-    rows of candidates, or None when none is usable."""
+    rows of candidates, or None when none is usable; ``before``: the row of the blocks before
+    the picks, which a tie keeps."""
     usable = [(i, f) for i, (_, f) in enumerate(rows) if not f["why"]]
     if not usable:
         return None
-    return max(usable, key=lambda t: (t[1]["rows"], t[1]["warps"], t[1]["programs"], -t[0]))[0]
+    return max(usable, key=lambda t: (t[1]["rows"], t[1]["warps"], t[1]["programs"], t[0] == before, -t[0]))[0]
 
 
 def describe(choice: dict) -> str:
@@ -149,7 +177,7 @@ def _git(*args) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def report(name: str, head_dim: int, workers: int, commit: str) -> tuple[list[str], dict]:
+def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[Path]) -> tuple[list[str], dict]:
     """One (dtype, head dim): the report's lines and its picks (`triton_tuning.pick_key` ->
     configuration)."""
     import triton
@@ -163,14 +191,15 @@ def report(name: str, head_dim: int, workers: int, commit: str) -> tuple[list[st
     jobs = list(dict.fromkeys((launch, arch) for *_, base, configs in table
                               for ls in [base, *(ls for _, ls in configs)] for launch in ls for arch in ARCHS))
     print(f"{name}, d = {head_dim}: {len(jobs)} compiles", flush=True)
-    reports = compile_all(jobs, workers)
+    reports = compile_all(jobs, workers, cache)
 
     summary = ["| launch | before the picks | favoured by the compiles | runs by default |", "| --- | --- | --- | --- |"]
     details, picks = [], {}
     for label, plan, base, configs in table:
         rows = [(choice, facts([reports[launch, arch] for launch in ls for arch in ARCHS])) for choice, ls in configs]
-        best = favoured(rows)
-        was = next((describe(choice) for choice, ls in configs if ls == base), "not a candidate")
+        before = next((i for i, (_, ls) in enumerate(configs) if ls == base), None)
+        best = favoured(rows, before)
+        was = "not a candidate" if before is None else describe(configs[before][0])
         bias_grad = plan.flags.get("bias_grad", False)
         timed = tb.timed_choice(plan.kind, plan.max_len, plan.bias is not None, bias_grad)
         if best is not None:
@@ -223,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT, help="folder of the reports")
     p.add_argument("--write-picks", action="store_true", help=f"update {PICKS_FILE.relative_to(ROOT)}")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cache", type=Path, help="a folder to keep compile reports in, for the next run")
     args = p.parse_args(argv)
 
     commit = _git("rev-parse", "--short", "HEAD") or "an unknown commit"
@@ -233,7 +263,7 @@ def main(argv=None) -> int:
 
     for name in args.dtype:
         for head_dim in args.head_dim:
-            lines, picks = report(name, head_dim, args.workers, commit)
+            lines, picks = report(name, head_dim, args.workers, commit, args.cache)
             path = args.out / f"{name}-d{head_dim}.md"
             path.write_text("\n".join(lines) + "\n")
             print(f"wrote {path}", flush=True)

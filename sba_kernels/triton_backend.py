@@ -70,8 +70,9 @@ class Blocks:
 
 
 def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: bool = False) -> Blocks:
-    """The tiles and warps of one launch: the largest tile that compiles without a register spill
-    on sm_80 and sm_90, never wider than the widest subgraph needs (tl.dot wants >= 16 a side).
+    """The tiles and warps of one tiled launch where `default_choice` has nothing else: the largest
+    tile that compiles without a register spill on sm_80 and sm_90, never wider than the widest
+    subgraph needs (tl.dot wants >= 16 a side).
 
     The caps come from ahead-of-time compiles of every configuration (`bench/kernel_report.py`,
     `bench/results/static/`; compiler facts, not timings); `tests/test_gpu_compile.py` fails if
@@ -329,7 +330,8 @@ def one_tile_blocks(max_len: int, head_dim: int, dtype: torch.dtype) -> Optional
     """The tile of the one-tile kernels (`attention_fwd_one_tile`, `attention_bwd_one_tile`)
     when every subgraph fits it, else None (the tiled kernels run). `ONE_TILE_CAP` gives the
     widest tile per dtype and head dim that compiles without a spill on sm_80 and sm_90.
-    4 warps, one stage: there is no loop over key tiles to pipeline."""
+    One stage: there is no loop over key tiles to pipeline; 4 warps where `default_choice` has
+    nothing else."""
     d = max(16, triton.next_power_of_2(head_dim))
     tile = max(16, triton.next_power_of_2(max_len))
     cap = ONE_TILE_CAP.get((_dot_kind(dtype), head_dim), 0)

@@ -1,21 +1,24 @@
 """Autotuning of the ``"triton"`` backend: the fastest launch configuration per shape key, timed
 on the GPU that runs it.
 
-**Off (the default)**, every launch runs the configuration of `triton_backend.one_tile_blocks` /
-`blocks_for` and the bias options beside them. The rule for choosing it without a GPU, from
-compiles alone (compiler facts): among configurations that compile for sm_80 and sm_90 with no
-spill, no shared memory over the limit and no ptxas performance-loss line, take
+**Off (the default)**, every launch runs `triton_backend.default_choice`: the configuration a
+GPU timing chose where one was made (`triton_backend.timed_choice`, with the measurements beside
+it), else the one the compiles favour, from the table `triton_picks.PICKS` (keyed by
+`pick_key`), else the blocks of `triton_backend.one_tile_blocks` / `blocks_for`. The rule for
+choosing without a GPU, from compiles alone (compiler facts): among the candidates below that
+compile for sm_80 and sm_90 with no spill, no shared memory over the limit and no ptxas
+performance-loss line, take
 
 1. the widest query tile (each query tile of a subgraph reads all its keys and values again);
-2. then the most warps resident per SM on sm_90 (programs per SM x warps; latency hiding);
-3. then the most programs per SM; then the default as it stands;
+2. then the most warps resident per SM on sm_90 (programs per SM x warps, the least over the
+   launches of a backward; latency hiding);
+3. then the most programs per SM; then the blocks of `triton_backend.one_tile_blocks` /
+   `blocks_for` (a tie changes nothing); then the first listed.
 
-unless a GPU timing decided otherwise (`triton_backend.BIAS_LOOP_FORWARD_OPTIONS`,
-`BIAS_GRAD_OPTIONS_64_ROWS`, with their measurements beside them). `bench/tuning_report.py`
-compiles every candidate below and applies the rule (`bench/results/static/tuning.md`, bf16,
-head dim 64): the one-tile defaults are what it picks; for the tiled kernels at 128 rows it
-picks other tiles in 4 of 6 launches, and those defaults stay until the rule has been applied
-to every dtype and head dim those caps cover, or a GPU has timed both.
+`bench/tuning_report.py` compiles every candidate of every launch the model makes, per dtype and
+head dim, at tiles of 16 to 128 rows, applies the rule (`bench/results/static/tuning/`) and
+writes the table. The table covers the dtypes and head dims the report has been run for
+(`triton_picks.SOURCES`); any other launch runs the blocks as they are.
 
 **On** (``SBA_AUTOTUNE=1`` in the environment, or inside ``with autotuning():``), on a CUDA
 device, the first launch of each `key`:

@@ -235,7 +235,8 @@ def test_runs_layout_is_consecutive_runs_with_nested_levels(n, size):
 def test_tuning_report_applies_the_written_rule(monkeypatch):
     """`bench/tuning_report.py`'s pick, on made-up compile reports: a configuration that spills,
     overflows shared memory or draws a performance-loss line is out; then the widest query
-    tile, the most warps per SM on sm_90, the most programs, the first."""
+    tile, the most warps per SM on sm_90, the most programs, the blocks before the picks, the
+    first."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import tuning_report
     from sba_kernels.triton_aot import SM_LIMITS, CompileReport
@@ -251,6 +252,9 @@ def test_tuning_report_applies_the_written_rule(monkeypatch):
     assert pick(config(64, 2, 4), config(64, 2, 8)) == 1                              # then warps per SM
     assert pick(config(64, 4, 4), config(64, 2, 8)) == 0                              # 16 vs 16: more programs
     assert pick(config(64, 2, 8), config(64, 2, 8)) == 0                              # a tie: the first
+    tie = [config(64, 2, 8), config(64, 2, 8), config(64, 1, 8)]
+    assert tuning_report.favoured(list(enumerate(tie)), before=1) == 1                # ... or the blocks before
+    assert tuning_report.favoured(list(enumerate(tie)), before=2) == 0                # a tie only
     limit = SM_LIMITS[90]["shared_per_program"]
     for bad in (dict(spill_stores=8), dict(shared_bytes=limit + 1), dict(ptxas_warnings="Potential Performance Loss"),
                 dict(ok=False, error="x")):

@@ -253,9 +253,102 @@ def test_candidate_lists():
     assert {(c["num_warps"], c["maxnreg"]) for c in one} == {(w, r) for w in (2, 4, 8) for r in (255, 168)}
 
 
+def _recorded_options(fn, *args) -> list[tuple]:
+    """(kernel, BLOCK or BLOCK_M, num_warps, num_stages, maxnreg) of each launch ``fn(*args)``
+    makes, recorded rather than run."""
+    from sba_kernels import triton_aot
+
+    with triton_aot.recording() as launches:
+        fn(*args)
+    return [(kernel.fn.__name__, meta.get("BLOCK", meta.get("BLOCK_M")), meta["num_warps"], meta["num_stages"],
+             meta["maxnreg"]) for kernel, _grid, _args, meta in launches if "delta" not in kernel.fn.__name__]
+
+
+def test_defaults_are_the_timed_choice_then_the_pick_then_the_blocks(monkeypatch):
+    """`triton_backend.default_choice` in the launches: a pick of `triton_picks` replaces the
+    blocks for its key only (dtype, head dim, tile bucket, bias, bias gradient); a timed
+    choice wins over a pick; tiled launches from 128 rows up share the 128-row pick."""
+    from sba_kernels import triton_picks
+
+    fp16, H, d = torch.float16, 2, 16
+    q = torch.zeros(1, 2000, H, d, dtype=fp16)
+    bias = torch.zeros(1, 32, 32, dtype=fp16)
+
+    def one_subgraph(m):
+        return torch.arange(m, dtype=torch.int32).view(1, m), torch.tensor([m], dtype=torch.int32)
+
+    def forward(m, bias=None):
+        return _recorded_options(triton_backend.attention_forward, q, q, q, *one_subgraph(m), bias, 0.25, False)
+
+    def backward(m, bias=None, grad=False):
+        return _recorded_options(triton_backend.attention_backward, q, q, q, q, q, q[0, :, :, 0].T[None].float(),
+                                 *one_subgraph(m), bias, 0.25, grad)
+
+    key = triton_tuning.pick_key
+    picks = {
+        key("forward one tile", 32, q, None, False): dict(num_warps=8, maxnreg=168),
+        key("forward one tile", 32, q, bias, False): dict(num_warps=2, maxnreg=255),
+        key("forward one tile, bias loop", 32, q, bias, False): dict(num_warps=8, maxnreg=255),
+        key("backward one tile", 32, q, bias, True): dict(num_warps=2, maxnreg=168),
+        key("forward tiled", 1000, q, None, False): dict(m=128, n=32, num_warps=8, num_stages=1),
+    }
+    monkeypatch.setattr(triton_picks, "PICKS", {})
+    before = forward(32), backward(32, bias, True), forward(1000), forward(16)
+    monkeypatch.setattr(triton_picks, "PICKS", picks)
+    assert forward(32) == forward(17) == [("attention_fwd_one_tile", 32, 8, 1, 168)]    # one bucket
+    assert forward(32, bias) == [("attention_fwd_one_tile", 32, 2, 1, 255)]
+    assert backward(32) == [("attention_bwd_one_tile", 32, 4, 1, 255)]   # no pick for it: the blocks
+    assert backward(32, bias, True) == [("attention_bwd_one_tile", 32, 2, 1, 168)]
+    assert backward(32, bias, False) == [("attention_bwd_one_tile", 32, 4, 1, 255)]
+    assert forward(1000) == forward(200) == [("attention_fwd", 128, 8, 1, 255)]
+    assert forward(100) == [("attention_fwd", 128, 8, 1, 255)]
+    with triton_backend.bias_tuning(min_parts=1, min_pairs=1):              # a timed choice beats the pick
+        assert forward(32, bias) == [("attention_fwd_one_tile", 32, 4, 1, 168)]
+    assert forward(16) == before[3] == [("attention_fwd_one_tile", 16, 4, 1, 255)]    # another bucket
+    monkeypatch.setattr(triton_picks, "PICKS", {})
+    assert (forward(32), backward(32, bias, True), forward(1000), forward(16)) == before
+    assert before[:3] == ([("attention_fwd_one_tile", 32, 4, 1, 255)], [("attention_bwd_one_tile", 32, 4, 1, 255)],
+                          [("attention_fwd", 64, 8, 2, 255)])
+
+
+def test_committed_picks_are_what_the_committed_reports_favour(monkeypatch):
+    """`sba_kernels/triton_picks.py` against `bench/results/static/tuning/`: for every (dtype,
+    head dim) it names a report for, the report exists, every launch the report covers has a
+    pick, and the pick is a candidate of that launch and the one the report's table favours."""
+    from sba_kernels import triton_picks
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import tuning_report
+
+    names = {(str(dtype).removeprefix("torch."), tf32): name for name, (dtype, tf32) in tuning_report.DTYPES.items()}
+    assert triton_picks.SOURCES, "no report has been turned into picks"
+    covered = set()
+    for (dtype, precision, head_dim), source in triton_picks.SOURCES.items():
+        name = names[dtype, precision == "tf32" and dtype == "float32"]
+        path = ROOT / source.split(" (")[0]
+        assert path.name == f"{name}-d{head_dim}.md" and path.exists(), source
+        favoured = {}
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) == 4 and cells[0].startswith("M="):
+                favoured[cells[0]] = cells[2]
+        with tuning_report.dot_precision(precision == "tf32"):
+            launches = tuning_report.cases(getattr(torch, dtype), head_dim)
+        assert set(favoured) == {label for label, _ in launches}, source
+        for label, plan in launches:
+            pick_key = triton_tuning.pick_key(plan.kind, plan.max_len, plan.q, plan.bias,
+                                              plan.flags.get("bias_grad", False))
+            assert pick_key in triton_picks.PICKS, (source, label)
+            pick = triton_picks.PICKS[pick_key]
+            assert pick in plan.candidates(), (source, label)
+            assert tuning_report.describe(pick) == favoured[label], (source, label)
+            covered.add(pick_key)
+    assert covered == set(triton_picks.PICKS), "picks no report accounts for"
+
+
 # The compile check, compiled for sm_90 ahead of time. In a child process without the
 # interpreter: compiling needs real @triton.jit kernels. The bias-gradient backward at 64 rows
-# with 2 warps capped at 168 registers spills on sm_90 (bench/results/static/tuning.md);
+# with 2 warps capped at 168 registers spills on sm_90 (bench/results/static/tuning/bf16-d64.md);
 # without the bias, 4 warps fit in 116-118 registers.
 _COMPILE_CHECK = """
 import functools, torch
