@@ -220,19 +220,21 @@ def _example_args(launch: Launch) -> list:
             for a in launch.args]
 
 
-def _cuobjdump() -> str:
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What ``cuobjdump <flag>`` (the one Triton ships) prints for ``cubin``: ``-sass`` for the
+    machine code, ``--dump-resource-usage`` for registers and memory."""
     import triton
 
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-
-
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG, STACK, SHARED, LOCAL of the cubin's one function, from ``cuobjdump``."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the cubin's one function, from ``cuobjdump``."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
     found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     return {k: int(v) for k, v in found.items()}
 
@@ -310,7 +312,7 @@ def compile_launch(launch: Launch, arch: int) -> CompileReport:
                              error=f"{type(err).__name__}: {err}"[:2000])
     text = log.getvalue()
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    usage = _resource_usage(compiled.asm["cubin"])
+    usage = resource_usage(compiled.asm["cubin"])
     threads = 32 * compiled.metadata.num_warps
     shared = int(compiled.metadata.shared)
     # ptxas reports some performance problems (wgmma serialised, C7510 and kin) as "info" lines.
