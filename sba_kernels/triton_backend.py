@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import triton
 
 from . import triton_kernels as kern
 from . import triton_picks, triton_tuning
@@ -69,6 +68,19 @@ class Blocks:
         return self if not choice else replace(self, **choice)
 
 
+def tile_side(n: int) -> int:
+    """The side a tile needs for ``n`` rows (or columns): the next power of two, at least 16
+    (tl.dot's least). In plain integers: `triton.next_power_of_2` is a constexpr function in
+    Triton 3.9 and costs microseconds a call, and every launch asks several times."""
+    return max(16, 1 << (n - 1).bit_length()) if n > 1 else 16
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for grids, in plain integers (`triton.cdiv` is a constexpr function:
+    microseconds a call, as `tile_side` says)."""
+    return -(-a // b)
+
+
 def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: bool = False) -> Blocks:
     """The tiles and warps of one tiled launch where `default_choice` has nothing else: the largest
     tile that compiles without a register spill on sm_80 and sm_90, never wider than the widest
@@ -87,8 +99,7 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
     * fp32 runs 8 warps and one pipeline stage everywhere (but the dQ kernel, see
       `_backward_tiled`).
     """
-    d = max(16, triton.next_power_of_2(head_dim))
-    fit = max(16, triton.next_power_of_2(max_len))
+    d, fit = tile_side(head_dim), tile_side(max_len)
     if dtype == torch.float32 and _precision(dtype) == "tf32x3":
         cap = 32 if (not backward and d <= 64) else 16
     elif backward:
@@ -311,7 +322,7 @@ def _forward_tiled(blk, q, k, v, index, lengths, bias, scale, pool: bool, choice
     blk = blk.chosen(choice)
     o = _new((B, N, H, d), q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
-    q_tiles = triton.cdiv(M, blk.m)
+    q_tiles = ceil_div(M, blk.m)
     shares = None
     if pool:       # per-tile shares of each mean; tiles past a subgraph's end leave their zeros
         shape = (B, P, q_tiles, H, d)
@@ -332,8 +343,7 @@ def one_tile_blocks(max_len: int, head_dim: int, dtype: torch.dtype) -> Optional
     widest tile per dtype and head dim that compiles without a spill on sm_80 and sm_90.
     One stage: there is no loop over key tiles to pipeline; 4 warps where `default_choice` has
     nothing else."""
-    d = max(16, triton.next_power_of_2(head_dim))
-    tile = max(16, triton.next_power_of_2(max_len))
+    d, tile = tile_side(head_dim), tile_side(max_len)
     cap = ONE_TILE_CAP.get((_dot_kind(dtype), head_dim), 0)
     if tile > cap:
         return None
@@ -392,10 +402,10 @@ def _backward_tiled(blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_
     B, N, H, d = q.shape
     P, M = index.shape
     blk = blk.chosen(choice)
-    q_tiles, k_tiles = triton.cdiv(M, blk.m), triton.cdiv(M, blk.n)
+    q_tiles, k_tiles = ceil_div(M, blk.m), ceil_div(M, blk.n)
     delta = _new((B, H, N), torch.float32, q.device)
     rows = 64
-    _launch(kern.attention_bwd_delta, (triton.cdiv(N, rows), B * H),
+    _launch(kern.attention_bwd_delta, (ceil_div(N, rows), B * H),
         o, do, delta, *_bhn_strides(o), *_bhn_strides(do), H, N,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_R=rows,
     )
@@ -436,9 +446,9 @@ def segment_mean_forward(x, index, lengths, starts=None):
     B, _, C = x.shape
     P, M = index.shape
     z = _new((B, P, C), x.dtype, x.device)
-    block_c = min(128, max(16, triton.next_power_of_2(C)))
+    block_c = min(128, tile_side(C))
     ids, contiguous = _node_ids(index, starts)
-    _launch(kern.segment_mean_fwd, (P, B, triton.cdiv(C, block_c)),
+    _launch(kern.segment_mean_fwd, (P, B, ceil_div(C, block_c)),
         x, z, ids, lengths, x.stride(0), x.stride(1), z.stride(0), z.stride(1), C, M, contiguous,
         BLOCK_R=32, BLOCK_C=block_c,
     )
@@ -450,8 +460,8 @@ def segment_mean_backward(dz, assignment, lengths):
     B, _, C = dz.shape
     N = assignment.shape[0]
     dx = _new((B, N, C), dz.dtype, dz.device)
-    rows, block_c = 32, min(128, max(16, triton.next_power_of_2(C)))
-    _launch(kern.segment_mean_bwd, (triton.cdiv(N, rows), B, triton.cdiv(C, block_c)),
+    rows, block_c = 32, min(128, tile_side(C))
+    _launch(kern.segment_mean_bwd, (ceil_div(N, rows), B, ceil_div(C, block_c)),
         dz, dx, assignment, lengths, dz.stride(0), dz.stride(1), dx.stride(0), dx.stride(1), N, C,
         BLOCK_R=rows, BLOCK_C=block_c,
     )

@@ -140,9 +140,9 @@ def tiled_candidates(max_len: int, *, backward: bool) -> list[dict]:
     for tl.dot), 4 or 8 warps, 1 or 2 pipeline stages. The forward tries 32-128 query rows
     against 32-64 key rows; the backward, which keeps dK and dV accumulators too, square
     tiles of 16-64 rows."""
-    import triton
+    from .triton_backend import tile_side
 
-    fit = max(16, triton.next_power_of_2(max_len))
+    fit = tile_side(max_len)
     if backward:
         tiles = {(min(t, fit),) * 2 for t in (16, 32, 64)}
     else:
@@ -157,12 +157,10 @@ def key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], 
     the bias (none, or shared ``[P, M, M]`` / per head, and its dtype) and ``flags`` (pooled,
     contiguous, bias gradient). Not the sizes N, P or B: a key tuned at one N is reused at
     another."""
-    import triton
-
-    from .triton_backend import _precision
+    from .triton_backend import _precision, tile_side
 
     bias_kind = None if bias is None else ("shared" if bias.dim() == 3 else "per_head", _name(bias.dtype))
-    return (kind, max(16, triton.next_power_of_2(max_len)), q.shape[3], _name(q.dtype), _precision(q.dtype),
+    return (kind, tile_side(max_len), q.shape[3], _name(q.dtype), _precision(q.dtype),
             bias_kind, *sorted(flags.items()))
 
 

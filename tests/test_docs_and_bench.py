@@ -107,8 +107,9 @@ def test_large_graph_bench_records_timeouts_and_out_of_memory(tmp_path):
 
 
 def test_tile_report_counts_programs_from_the_launch_grid():
-    """Subgraphs of 65, 64, 1 and 130 nodes (M = 130): fp16 forward tiles of 64 rows, so three
-    per subgraph, of which 2 + 1 + 1 + 3 start inside their subgraph; backward tiles of 32 rows."""
+    """Subgraphs of 65, 64, 1 and 130 nodes (M = 130): fp16 forward tiles of 128 rows (the compile
+    rule's pick at d = 64, `sba_kernels/triton_picks.py`), so two per subgraph, of which
+    1 + 1 + 1 + 2 start inside their subgraph; backward tiles of 32 rows."""
     sys.path.insert(0, str(ROOT / "bench"))
     from tile_report import launch_tiles, record_launches
     from sba_kernels import Partition
@@ -118,8 +119,8 @@ def test_tile_report_counts_programs_from_the_launch_grid():
     lengths = partition.lengths.numpy().astype("int64")
     got = {k: launch_tiles(k, grid, args, lengths) for k, grid, args in record_launches(partition, 64)}
     fwd, dq, dbias = got["attention_fwd"], got["attention_bwd_dq"], got["attention_bwd_dbias"]
-    assert (fwd.tile, fwd.per_subgraph, fwd.programs, fwd.with_work) == ("64 rows", 3, 12, 7)
-    assert fwd.filled == 260 / (12 * 64)
+    assert (fwd.tile, fwd.per_subgraph, fwd.programs, fwd.with_work) == ("128 rows", 2, 8, 5)
+    assert fwd.filled == 260 / (8 * 128)
     assert (dq.tile, dq.per_subgraph, dq.with_work) == ("32 rows", 5, 3 + 2 + 1 + 5)
     assert got["attention_bwd_dkdv"].with_work == dq.with_work
     assert (dbias.per_subgraph, dbias.with_work) == (25, 9 + 4 + 1 + 25)
@@ -169,7 +170,8 @@ def test_tile_report_writes_the_table(tmp_path):
             tile = 32 if plain_largest <= 32 else 64
             assert forward.startswith(f"one-tile forward: 1 x {tile} rows: 100.0 /")
         else:
-            assert forward.startswith(f"tiled forward: {-(-plain_largest // 64)} x 64 rows")
+            # past 64 rows the tiled forward, with the compile rule's 128-row tiles (triton_picks)
+            assert forward.startswith(f"tiled forward: {-(-plain_largest // 128)} x 128 rows")
 
 
 def test_reversed_runs_keep_the_work_and_drop_the_runs():
