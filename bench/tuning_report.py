@@ -127,8 +127,8 @@ def compile_all(jobs: list, workers: int, cache: Optional[Path] = None) -> dict:
 def _cache_name(launch: triton_aot.Launch, arch: int) -> str:
     import triton
 
-    source = (ROOT / "sba_kernels" / "triton_kernels.py").read_bytes()
-    described = repr((launch, arch, triton.__version__, hashlib.sha256(source).hexdigest()))
+    sources = [(ROOT / "sba_kernels" / name).read_bytes() for name in ("triton_kernels.py", "triton_aot.py")]
+    described = repr((launch, arch, triton.__version__, [hashlib.sha256(s).hexdigest() for s in sources]))
     return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
@@ -183,10 +183,10 @@ def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[
     import triton
 
     dtype, tf32 = DTYPES[name]
-    table = []               # (label, plan, launches before any pick, [(candidate, launches)])
-    with dot_precision(tf32):
+    table = []               # (label, plan, its pick key, launches before any pick, [(candidate, launches)])
+    with dot_precision(tf32):          # the launches and the key both read the fp32 dot precision
         for label, plan in cases(dtype, head_dim):
-            table.append((label, plan, launches_of(plan, None),
+            table.append((label, plan, plan.pick_key(), launches_of(plan, None),
                           [(choice, launches_of(plan, choice)) for choice in plan.candidates()]))
     jobs = list(dict.fromkeys((launch, arch) for *_, base, configs in table
                               for ls in [base, *(ls for _, ls in configs)] for launch in ls for arch in ARCHS))
@@ -195,15 +195,14 @@ def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[
 
     summary = ["| launch | before the picks | favoured by the compiles | runs by default |", "| --- | --- | --- | --- |"]
     details, picks = [], {}
-    for label, plan, base, configs in table:
+    for label, plan, key, base, configs in table:
         rows = [(choice, facts([reports[launch, arch] for launch in ls for arch in ARCHS])) for choice, ls in configs]
         before = next((i for i, (_, ls) in enumerate(configs) if ls == base), None)
         best = favoured(rows, before)
         was = "not a candidate" if before is None else describe(configs[before][0])
-        bias_grad = plan.flags.get("bias_grad", False)
-        timed = tb.timed_choice(plan.kind, plan.max_len, plan.bias is not None, bias_grad)
+        timed = tb.timed_choice(plan.kind, plan.max_len, plan.q, plan.flags.get("bias_grad", False))
         if best is not None:
-            picks[triton_tuning.pick_key(plan.kind, plan.max_len, plan.q, plan.bias, bias_grad)] = rows[best][0]
+            picks[key] = rows[best][0]
         runs = (f"{describe(timed)} (timed)" if timed is not None else
                 "the blocks before the picks" if best is None else "the favoured")
         summary.append(f"| {label} | {was} | {'none usable' if best is None else describe(rows[best][0])} | {runs} |")

@@ -53,7 +53,7 @@ SM_LIMITS = {
 }
 DTYPES = (("float16", False), ("bfloat16", False), ("float32", False), ("float32", True))  # (dtype, tf32)
 HEAD_DIMS = (16, 24, 32, 64, 128)
-SUBGRAPH_SIZES = (16, 32, 64, 100)       # every tile size blocks_for returns, and a subgraph over two tiles
+SUBGRAPH_SIZES = (16, 32, 64, 200)       # each tile bucket up to 64 rows, and one over two 128-row tiles
 CHANNELS = (16, 32, 64, 128)             # segment mean: one per channel block
 BIAS_KINDS = (None, "shared", "per_head")
 

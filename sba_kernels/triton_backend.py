@@ -6,10 +6,12 @@
 when every subgraph fits one tile (`one_tile_blocks`), else ``_forward_tiled``
 (``attention_fwd``); ``attention_backward`` -> ``_backward_one_tile`` (one fused launch,
 ``attention_bwd_one_tile``) or ``_backward_tiled`` (the delta, dQ, dK/dV and dBias kernels);
-``segment_mean_forward``/``_backward`` -> the segment-mean kernels. Block sizes follow from
-shapes and dtype alone (`one_tile_blocks`, `blocks_for`), unless autotuning is on: then
-`triton_tuning.launch` runs each attention launch with the configuration it timed fastest on
-this GPU (a ``choice`` passed to the launch function). The tiled backward tiles independently
+``segment_mean_forward``/``_backward`` -> the segment-mean kernels. Each attention launch is
+planned first (`forward_plan`, `backward_plan`): its tile from `one_tile_blocks` or
+`blocks_for`, and its configuration from `default_choice` (a GPU timing's choice, else the
+compile rule's pick in `triton_picks`, else those blocks as they are). Unless autotuning is on:
+then `triton_tuning.launch` runs it with the configuration it timed fastest on this GPU (a
+``choice`` passed to the launch function). The tiled backward tiles independently
 of the forward (lse is saved per row, not per tile).
 """
 
@@ -252,18 +254,25 @@ def default_choice(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torc
     (`timed_choice`), else the one the compile rule favours (`triton_picks.PICKS`, written by
     `bench/tuning_report.py` from ahead-of-time compiles; the rule: `triton_tuning`), else None
     (those blocks as they are: a launch the report has not compiled)."""
-    timed = timed_choice(kind, max_len, bias is not None, bias_grad)
+    timed = timed_choice(kind, max_len, q, bias_grad)
     if timed is not None:
         return timed
     return triton_picks.PICKS.get(triton_tuning.pick_key(kind, max_len, q, bias, bias_grad))
 
 
-def timed_choice(kind: str, max_len: int, has_bias: bool, bias_grad: bool) -> Optional[dict]:
-    """`BIAS_LOOP_FORWARD_OPTIONS` for the bias loop, `BIAS_GRAD_OPTIONS_64_ROWS` for the
-    one-tile backward summing a bias gradient over 64-row tiles; None for every other launch."""
-    if kind == "forward one tile, bias loop" and has_bias:
+# dtype, head dim and tile rows of the H200 timings above: where their choices stand for the rule's
+TIMED_SHAPE = (torch.bfloat16, 64, 64)
+
+
+def timed_choice(kind: str, max_len: int, q: torch.Tensor, bias_grad: bool) -> Optional[dict]:
+    """At the shape the H200 timed (`TIMED_SHAPE`): `BIAS_LOOP_FORWARD_OPTIONS` for the bias
+    loop, `BIAS_GRAD_OPTIONS_64_ROWS` for the one-tile backward summing a bias gradient; None
+    for every other launch and shape."""
+    if (q.dtype, q.shape[3], tile_side(max_len)) != TIMED_SHAPE:
+        return None
+    if kind == "forward one tile, bias loop":
         return BIAS_LOOP_FORWARD_OPTIONS
-    if kind == "backward one tile" and bias_grad and max_len > 32:
+    if kind == "backward one tile" and bias_grad:
         return BIAS_GRAD_OPTIONS_64_ROWS
     return None
 
@@ -316,7 +325,7 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, sta
 
 def _forward_tiled(blk, q, k, v, index, lengths, bias, scale, pool: bool, choice=None):
     """Subgraphs of any size: online softmax over key tiles (`triton_kernels.attention_fwd`).
-    ``blk`` from `blocks_for`, or with an autotuned ``choice`` in place."""
+    ``blk`` as `forward_plan` made it, or with an autotuned ``choice`` in place."""
     B, N, H, d = q.shape
     P, M = index.shape
     blk = blk.chosen(choice)
@@ -398,7 +407,7 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
 
 def _backward_tiled(blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, choice=None):
     """Subgraphs of any size: delta = rowsum(dO * O), then dQ, dK/dV and dBias, each tiled.
-    ``blk`` from `blocks_for(..., backward=True)`, or with an autotuned ``choice`` in place."""
+    ``blk`` as `backward_plan` made it, or with an autotuned ``choice`` in place."""
     B, N, H, d = q.shape
     P, M = index.shape
     blk = blk.chosen(choice)

@@ -71,6 +71,11 @@ class Plan(NamedTuple):
     def candidates(self) -> list[dict]:
         return candidates(self.kind, self.max_len)
 
+    def pick_key(self) -> tuple:
+        """Its key in `triton_picks.PICKS` (`pick_key`); fp32 dot precision as torch's switch
+        stands when called."""
+        return pick_key(self.kind, self.max_len, self.q, self.bias, self.flags.get("bias_grad", False))
+
 ENABLED = os.environ.get("SBA_AUTOTUNE", "0") not in ("", "0")
 
 

@@ -123,13 +123,13 @@ def test_default_bias_loop_rule_and_launch_options(monkeypatch, bias_kind, batch
     the one-tile forward loops over a bias tile when 4 or more (batch, head) pairs read it (a
     shared bias: B x H; a per-head one: B), capped at 168 registers; else one program per pair.
     The bias-gradient backward at 64 rows runs `BIAS_GRAD_OPTIONS_64_ROWS`. Launches recorded,
-    not run."""
+    not run, at the shape they were timed at (`triton_backend.TIMED_SHAPE`: bf16, d = 64, 64 rows)."""
     P, M, H, d = 1024, 64, 8, 64
-    q = torch.zeros(batch, P * M, H, d, dtype=torch.float16)
+    q = torch.zeros(batch, P * M, H, d, dtype=torch.bfloat16)
     index = torch.arange(P * M, dtype=torch.int32).view(P, M)
     lengths = torch.full((P,), M, dtype=torch.int32)
     bias = None if bias_kind is None else torch.zeros(((H,) if bias_kind == "per_head" else ()) + (P, M, M),
-                                                      dtype=torch.float16)
+                                                      dtype=torch.bfloat16)
     monkeypatch.setattr(triton_backend, "LAUNCH_RECORDER", [])
     o, lse, _ = triton_backend.attention_forward(q, q, q, index, lengths, bias, 0.125, False)
     triton_backend.attention_backward(q, q, q, q, o, lse, index, lengths, bias, 0.125, need_dbias=bias is not None)

@@ -117,9 +117,14 @@ def test_tuning_keeps_the_fastest_candidate_and_every_candidate_is_correct(tunin
 
 
 def test_the_default_is_kept_when_it_is_fastest(tuning):
+    from sba_kernels import triton_aot
+
     part, q, k, v, _ = _inputs(60, 11, 0, seed=3)
-    default_warps = triton_backend.one_tile_blocks(11, 16, torch.float32).num_warps
-    tuning["speed"] = lambda name, meta: 1.0 if meta["num_warps"] == default_warps and meta["maxnreg"] == 255 else 2.0
+    with triton_tuning.autotuning(False), triton_aot.recording() as launches:      # what runs untuned
+        sk.intra_attention(q.float(), k.float(), v.float(), part, backend="triton")
+    (_, _, _, default), = launches
+    tuning["speed"] = lambda name, meta: (1.0 if (meta["num_warps"], meta["maxnreg"]) == (default["num_warps"],
+                                                                                        default["maxnreg"]) else 2.0)
     with torch.no_grad():
         sk.intra_attention(q.float(), k.float(), v.float(), part, backend="triton")
     (key, choice), = triton_tuning.chosen().items()
@@ -266,8 +271,8 @@ def _recorded_options(fn, *args) -> list[tuple]:
 
 def test_defaults_are_the_timed_choice_then_the_pick_then_the_blocks(monkeypatch):
     """`triton_backend.default_choice` in the launches: a pick of `triton_picks` replaces the
-    blocks for its key only (dtype, head dim, tile bucket, bias, bias gradient); a timed
-    choice wins over a pick; tiled launches from 128 rows up share the 128-row pick."""
+    blocks for its key only (dtype, tile bucket, bias, bias gradient, kernel form); tiled
+    launches from 128 rows up share the 128-row pick. (Timed choices over picks: below.)"""
     from sba_kernels import triton_picks
 
     fp16, H, d = torch.float16, 2, 16
@@ -302,13 +307,60 @@ def test_defaults_are_the_timed_choice_then_the_pick_then_the_blocks(monkeypatch
     assert backward(32, bias, False) == [("attention_bwd_one_tile", 32, 4, 1, 255)]
     assert forward(1000) == forward(200) == [("attention_fwd", 128, 8, 1, 255)]
     assert forward(100) == [("attention_fwd", 128, 8, 1, 255)]
-    with triton_backend.bias_tuning(min_parts=1, min_pairs=1):              # a timed choice beats the pick
-        assert forward(32, bias) == [("attention_fwd_one_tile", 32, 4, 1, 168)]
+    with triton_backend.bias_tuning(min_parts=1, min_pairs=1):      # no timing at this shape: the loop's pick
+        assert forward(32, bias) == [("attention_fwd_one_tile", 32, 8, 1, 255)]
     assert forward(16) == before[3] == [("attention_fwd_one_tile", 16, 4, 1, 255)]    # another bucket
+    bf16 = q.to(torch.bfloat16)                                                     # another dtype
+    assert _recorded_options(triton_backend.attention_forward, bf16, bf16, bf16, *one_subgraph(32), None, 0.25,
+                             False) == _without_picks(monkeypatch, triton_backend.attention_forward, bf16, bf16, bf16,
+                                                      *one_subgraph(32), None, 0.25, False)
     monkeypatch.setattr(triton_picks, "PICKS", {})
     assert (forward(32), backward(32, bias, True), forward(1000), forward(16)) == before
     assert before[:3] == ([("attention_fwd_one_tile", 32, 4, 1, 255)], [("attention_bwd_one_tile", 32, 4, 1, 255)],
                           [("attention_fwd", 64, 8, 2, 255)])
+
+
+def _without_picks(monkeypatch, fn, *args) -> list[tuple]:
+    from sba_kernels import triton_picks
+
+    with monkeypatch.context() as patch:
+        patch.setattr(triton_picks, "PICKS", {})
+        return _recorded_options(fn, *args)
+
+
+def test_timed_choices_stand_only_where_they_were_timed(monkeypatch):
+    """The H200-timed options (`triton_backend.TIMED_SHAPE`: bf16, head dim 64, 64-row tiles)
+    beat the pick there, and only there."""
+    from sba_kernels import triton_picks
+
+    M, H = 64, 8
+    index, lengths = torch.arange(M, dtype=torch.int32).view(1, M), torch.tensor([M], dtype=torch.int32)
+    odd = dict(num_warps=2, maxnreg=168)          # a pick no timing chose
+    for dtype, d in ((torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 32)):
+        q = torch.zeros(1, M, H, d, dtype=dtype)
+        bias = torch.zeros(1, M, M, dtype=dtype)
+        timed = (dtype, d) == (torch.bfloat16, 64)
+        keys = [triton_tuning.pick_key("forward one tile, bias loop", M, q, bias, False),
+                triton_tuning.pick_key("backward one tile", M, q, bias, True)]
+        monkeypatch.setattr(triton_picks, "PICKS", dict.fromkeys(keys, odd))
+        with triton_backend.bias_tuning(min_parts=1, min_pairs=1):
+            (fwd,) = _recorded_options(triton_backend.attention_forward, q, q, q, index, lengths, bias, 0.125, False)
+        (bwd,) = _recorded_options(triton_backend.attention_backward, q, q, q, q, q, torch.zeros(1, H, M), index,
+                                   lengths, bias, 0.125, True)
+        want_fwd = triton_backend.BIAS_LOOP_FORWARD_OPTIONS if timed else odd
+        want_bwd = triton_backend.BIAS_GRAD_OPTIONS_64_ROWS if timed else odd
+        assert (fwd[2], fwd[4]) == (want_fwd["num_warps"], want_fwd["maxnreg"]), (dtype, d)
+        assert (bwd[2], bwd[4]) == (want_bwd["num_warps"], want_bwd["maxnreg"]), (dtype, d)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 15, 16, 17, 33, 64, 65, 127, 128, 129, 1000, 4096, 4097, 10**6])
+def test_launch_arithmetic_matches_tritons(n):
+    """`tile_side` and `ceil_div`, the plain-integer stand-ins on the launch path."""
+    import triton
+
+    assert triton_backend.tile_side(n) == max(16, triton.next_power_of_2(n))
+    for b in (1, 16, 32, 64, 128):
+        assert triton_backend.ceil_div(n, b) == triton.cdiv(n, b)
 
 
 def test_committed_picks_are_what_the_committed_reports_favour(monkeypatch):
@@ -333,11 +385,11 @@ def test_committed_picks_are_what_the_committed_reports_favour(monkeypatch):
             if len(cells) == 4 and cells[0].startswith("M="):
                 favoured[cells[0]] = cells[2]
         with tuning_report.dot_precision(precision == "tf32"):
-            launches = tuning_report.cases(getattr(torch, dtype), head_dim)
-        assert set(favoured) == {label for label, _ in launches}, source
-        for label, plan in launches:
-            pick_key = triton_tuning.pick_key(plan.kind, plan.max_len, plan.q, plan.bias,
-                                              plan.flags.get("bias_grad", False))
+            launches = [(label, plan, plan.pick_key()) for label, plan in tuning_report.cases(getattr(torch, dtype),
+                                                                                               head_dim)]
+        assert set(favoured) == {label for label, _, _ in launches}, source
+        for label, plan, pick_key in launches:
+            assert pick_key[3:5] == (dtype, precision), (source, label)
             assert pick_key in triton_picks.PICKS, (source, label)
             pick = triton_picks.PICKS[pick_key]
             assert pick in plan.candidates(), (source, label)
