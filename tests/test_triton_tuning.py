@@ -329,23 +329,24 @@ def _without_picks(monkeypatch, fn, *args) -> list[tuple]:
 
 
 def test_timed_choices_stand_only_where_they_were_timed(monkeypatch):
-    """The H200-timed options (`triton_backend.TIMED_SHAPE`: bf16, head dim 64, 64-row tiles)
-    beat the pick there, and only there."""
+    """The H200-timed options (`triton_backend.TIMED_SHAPE`: bf16 and fp16, head dim 64, 64-row
+    tiles) beat the pick there, and only there."""
     from sba_kernels import triton_picks
 
-    M, H = 64, 8
-    index, lengths = torch.arange(M, dtype=torch.int32).view(1, M), torch.tensor([M], dtype=torch.int32)
+    H = 8
     odd = dict(num_warps=2, maxnreg=168)          # a pick no timing chose
-    for dtype, d in ((torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 32)):
-        q = torch.zeros(1, M, H, d, dtype=dtype)
-        bias = torch.zeros(1, M, M, dtype=dtype)
-        timed = (dtype, d) == (torch.bfloat16, 64)
-        keys = [triton_tuning.pick_key("forward one tile, bias loop", M, q, bias, False),
-                triton_tuning.pick_key("backward one tile", M, q, bias, True)]
+    for dtype, d, m in ((torch.bfloat16, 64, 64), (torch.float16, 64, 64), (torch.bfloat16, 32, 64),
+                        (torch.float16, 64, 32), (torch.float32, 64, 16)):
+        index, lengths = torch.arange(m, dtype=torch.int32).view(1, m), torch.tensor([m], dtype=torch.int32)
+        q = torch.zeros(1, m, H, d, dtype=dtype)
+        bias = torch.zeros(1, m, m, dtype=dtype)
+        timed = (d, m) == (64, 64)
+        keys = [triton_tuning.pick_key("forward one tile, bias loop", m, q, bias, False),
+                triton_tuning.pick_key("backward one tile", m, q, bias, True)]
         monkeypatch.setattr(triton_picks, "PICKS", dict.fromkeys(keys, odd))
         with triton_backend.bias_tuning(min_parts=1, min_pairs=1):
             (fwd,) = _recorded_options(triton_backend.attention_forward, q, q, q, index, lengths, bias, 0.125, False)
-        (bwd,) = _recorded_options(triton_backend.attention_backward, q, q, q, q, q, torch.zeros(1, H, M), index,
+        (bwd,) = _recorded_options(triton_backend.attention_backward, q, q, q, q, q, torch.zeros(1, H, m), index,
                                    lengths, bias, 0.125, True)
         want_fwd = triton_backend.BIAS_LOOP_FORWARD_OPTIONS if timed else odd
         want_bwd = triton_backend.BIAS_GRAD_OPTIONS_64_ROWS if timed else odd
