@@ -8,20 +8,20 @@ sm_90 (compiler facts, not timings); do not edit by hand. A key not here runs th
 
 # (dtype, fp32 dot precision, head dim) -> the report its picks come from
 SOURCES = {
-    ('bfloat16', 'tf32', 128): 'bench/results/static/tuning/bf16-d128.md (triton 3.9.0, 1869de9)',
-    ('bfloat16', 'tf32', 16): 'bench/results/static/tuning/bf16-d16.md (triton 3.9.0, 1869de9)',
-    ('bfloat16', 'tf32', 24): 'bench/results/static/tuning/bf16-d24.md (triton 3.9.0, 1869de9)',
-    ('bfloat16', 'tf32', 32): 'bench/results/static/tuning/bf16-d32.md (triton 3.9.0, 1869de9)',
-    ('bfloat16', 'tf32', 64): 'bench/results/static/tuning/bf16-d64.md (triton 3.9.0, 1869de9)',
-    ('float16', 'tf32', 128): 'bench/results/static/tuning/fp16-d128.md (triton 3.9.0, 1869de9)',
-    ('float16', 'tf32', 16): 'bench/results/static/tuning/fp16-d16.md (triton 3.9.0, 1869de9)',
-    ('float16', 'tf32', 24): 'bench/results/static/tuning/fp16-d24.md (triton 3.9.0, 1869de9)',
-    ('float16', 'tf32', 32): 'bench/results/static/tuning/fp16-d32.md (triton 3.9.0, 1869de9)',
-    ('float16', 'tf32', 64): 'bench/results/static/tuning/fp16-d64.md (triton 3.9.0, 1869de9)',
-    ('float32', 'tf32', 16): 'bench/results/static/tuning/tf32-d16.md (triton 3.9.0, 1869de9)',
-    ('float32', 'tf32', 64): 'bench/results/static/tuning/tf32-d64.md (triton 3.9.0, 7d170b4)',
-    ('float32', 'tf32x3', 16): 'bench/results/static/tuning/fp32-d16.md (triton 3.9.0, 1869de9)',
-    ('float32', 'tf32x3', 64): 'bench/results/static/tuning/fp32-d64.md (triton 3.9.0, 7d170b4)',
+    ('bfloat16', 'tf32', 128): 'bench/results/static/tuning/bf16-d128.md (triton 3.9.0, d5483a0)',
+    ('bfloat16', 'tf32', 16): 'bench/results/static/tuning/bf16-d16.md (triton 3.9.0, d5483a0)',
+    ('bfloat16', 'tf32', 24): 'bench/results/static/tuning/bf16-d24.md (triton 3.9.0, d5483a0)',
+    ('bfloat16', 'tf32', 32): 'bench/results/static/tuning/bf16-d32.md (triton 3.9.0, d5483a0)',
+    ('bfloat16', 'tf32', 64): 'bench/results/static/tuning/bf16-d64.md (triton 3.9.0, d5483a0)',
+    ('float16', 'tf32', 128): 'bench/results/static/tuning/fp16-d128.md (triton 3.9.0, d5483a0)',
+    ('float16', 'tf32', 16): 'bench/results/static/tuning/fp16-d16.md (triton 3.9.0, d5483a0)',
+    ('float16', 'tf32', 24): 'bench/results/static/tuning/fp16-d24.md (triton 3.9.0, d5483a0)',
+    ('float16', 'tf32', 32): 'bench/results/static/tuning/fp16-d32.md (triton 3.9.0, d5483a0)',
+    ('float16', 'tf32', 64): 'bench/results/static/tuning/fp16-d64.md (triton 3.9.0, d5483a0)',
+    ('float32', 'tf32', 16): 'bench/results/static/tuning/tf32-d16.md (triton 3.9.0, d5483a0)',
+    ('float32', 'tf32', 64): 'bench/results/static/tuning/tf32-d64.md (triton 3.9.0, d5483a0)',
+    ('float32', 'tf32x3', 16): 'bench/results/static/tuning/fp32-d16.md (triton 3.9.0, d5483a0)',
+    ('float32', 'tf32x3', 64): 'bench/results/static/tuning/fp32-d64.md (triton 3.9.0, d5483a0)',
 }
 
 # pick_key -> configuration (fields of triton_backend.Blocks)
