@@ -56,11 +56,12 @@ def mode(request, backend):
 def test_intra_matches_reference(backend, mode, bias_kind):
     dtype, tol = mode
     g = torch.Generator().manual_seed(hash(bias_kind) % 1000)
-    # the giant spans two query tiles of any size the tiled kernels take (128 rows at most)
-    part = random_partition(260, max_size=11, giant=150, generator=g)
-    assert part.max_size == 150 and 1 in part.lengths.tolist()
+    # the giant spans several key tiles (and query tiles where they are under 83 rows; the pooled
+    # test below takes a giant over two 128-row query tiles)
+    part = random_partition(170, max_size=11, giant=83, generator=g)
+    assert part.max_size == 83 and 1 in part.lengths.tolist()
     B, H, d = 2, 2, 16
-    inputs = [torch.randn(B, 260, H, d, generator=g) for _ in range(3)]
+    inputs = [torch.randn(B, 170, H, d, generator=g) for _ in range(3)]
     if bias_kind:
         shape = (part.num_parts, part.max_size, part.max_size)
         inputs.append(torch.randn(((H,) if bias_kind == "per_head" else ()) + shape, generator=g))
@@ -93,15 +94,15 @@ def test_inter_matches_reference(backend, mode, bias_shape):
     compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g, device=DEVICE)
 
 
-@pytest.mark.parametrize("giant, bias_kind", [(0, None), (83, "per_head")])
+@pytest.mark.parametrize("giant, bias_kind", [(0, None), (150, "per_head")])
 def test_intra_pooled_matches_reference(backend, mode, giant, bias_kind):
-    """o and the subgraph means z, with gradients flowing into both. giant=83: a subgraph
-    spanning several tiles, whose shares of the mean are summed."""
+    """o and the subgraph means z, with gradients flowing into both. giant=150: a subgraph
+    spanning two query tiles of any size (128 rows at most), whose shares of the mean are summed."""
     dtype, tol = mode
     g = torch.Generator().manual_seed(16 + giant)
-    part = random_partition(170, max_size=11, giant=giant, generator=g)
+    part = random_partition(260, max_size=11, giant=giant, generator=g)
     B, H, d = 2, 2, 16
-    inputs = [torch.randn(B, 170, H, d, generator=g) for _ in range(3)]
+    inputs = [torch.randn(B, 260, H, d, generator=g) for _ in range(3)]
     if bias_kind:
         inputs.append(torch.randn(H, part.num_parts, part.max_size, part.max_size, generator=g))
     dpart = part.to(DEVICE)
@@ -113,7 +114,7 @@ def test_intra_pooled_matches_reference(backend, mode, giant, bias_kind):
 
     def ref(q, k, v, *bias):
         o = dense_masked_attention(q, k, v, part, bias[0] if bias else None)
-        return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(B, 170, H * d), part).reshape(-1)])
+        return torch.cat([o.reshape(-1), loop_segment_mean(o.reshape(B, -1, H * d), part).reshape(-1)])
 
     compare_forward_backward(ours, ref, inputs, dtype=dtype, tol=tol, generator=g, device=DEVICE)
 
