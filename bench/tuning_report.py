@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -125,11 +126,18 @@ def compile_all(jobs: list, workers: int, cache: Optional[Path] = None) -> dict:
 
 
 def _cache_name(launch: triton_aot.Launch, arch: int) -> str:
+    described = repr((launch, arch, *_compiler_and_sources()))
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=None)      # read once a run, not once per launch (thousands)
+def _compiler_and_sources() -> tuple:
+    """What a compile report depends on besides its launch and architecture: the Triton
+    version and the kernels' and the compile's own source."""
     import triton
 
     sources = [(ROOT / "sba_kernels" / name).read_bytes() for name in ("triton_kernels.py", "triton_aot.py")]
-    described = repr((launch, arch, triton.__version__, [hashlib.sha256(s).hexdigest() for s in sources]))
-    return hashlib.sha256(described.encode()).hexdigest()[:32]
+    return triton.__version__, [hashlib.sha256(s).hexdigest() for s in sources]
 
 
 def facts(reports: list) -> dict:

@@ -29,6 +29,7 @@ import torch
 
 from . import triton_kernels as kern
 from . import triton_picks, triton_tuning
+from .triton_tiles import ceil_div, dot_precision, tile_side
 from .custom_ops import KernelBackend
 
 LOG2E = 1.4426950408889634
@@ -70,19 +71,6 @@ class Blocks:
         return self if not choice else replace(self, **choice)
 
 
-def tile_side(n: int) -> int:
-    """The side a tile needs for ``n`` rows (or columns): the next power of two, at least 16
-    (tl.dot's least). In plain integers: `triton.next_power_of_2` is a constexpr function in
-    Triton 3.9 and costs microseconds a call, and every launch asks several times."""
-    return max(16, 1 << (n - 1).bit_length()) if n > 1 else 16
-
-
-def ceil_div(a: int, b: int) -> int:
-    """``ceil(a / b)`` for grids, in plain integers (`triton.cdiv` is a constexpr function:
-    microseconds a call, as `tile_side` says)."""
-    return -(-a // b)
-
-
 def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: bool = False) -> Blocks:
     """The tiles and warps of one tiled launch where `default_choice` has nothing else: the largest
     tile that compiles without a register spill on sm_80 and sm_90, never wider than the widest
@@ -102,7 +90,7 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
       `_backward_tiled`).
     """
     d, fit = tile_side(head_dim), tile_side(max_len)
-    if dtype == torch.float32 and _precision(dtype) == "tf32x3":
+    if dtype == torch.float32 and dot_precision(dtype) == "tf32x3":
         cap = 32 if (not backward and d <= 64) else 16
     elif backward:
         cap = 16 if (dtype == torch.float32 and d >= 128) else 32
@@ -129,18 +117,7 @@ def _dot_kind(dtype: torch.dtype) -> str:
     """What sizes a dot's registers: 2-byte operands, TF32, or 3xTF32 (split fp32 operands)."""
     if dtype != torch.float32:
         return "16bit"
-    return _precision(dtype)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """How fp32 dots run: TF32 when the user enabled it for matmuls (torch's own switch), else
-    3xTF32, which splits each operand into two TF32 halves for close to fp32 accuracy on tensor
-    cores. Not "ieee": Triton expands an IEEE dot into FMAs, and the dK/dV kernel then spills
-    kilobytes per thread at every tile size (seen in the compile report). fp16/bf16 dots
-    ignore this."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
-    return "tf32"
+    return dot_precision(dtype)
 
 
 def _bias_strides(bias: Optional[torch.Tensor]) -> tuple[int, int, int]:
@@ -200,11 +177,11 @@ def forward_plan(q, k, v, index, lengths, bias, scale, pool: bool, starts=None) 
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
         bias_loop = uses_bias_loop(P, _pairs_per_bias_tile(q, bias))
-        kind = "forward one tile, bias loop" if bias_loop else "forward one tile"
+        kind = triton_tuning.FORWARD_BIAS_LOOP if bias_loop else triton_tuning.FORWARD_ONE_TILE
         blk = blk.chosen(default_choice(kind, M, q, bias))
         run = functools.partial(_forward_one_tile, blk, q, k, v, index, lengths, bias, scale, pool, starts, bias_loop)
     else:
-        kind = "forward tiled"
+        kind = triton_tuning.FORWARD_TILED
         blk = blocks_for(M, q.shape[3], q.dtype).chosen(default_choice(kind, M, q, bias))
         run = functools.partial(_forward_tiled, blk, q, k, v, index, lengths, bias, scale, pool)
     return triton_tuning.Plan(run, kind, M, q, bias, dict(pool=pool, contiguous=starts is not None))
@@ -273,9 +250,9 @@ def timed_choice(kind: str, max_len: int, q: torch.Tensor, bias_grad: bool) -> O
     timed = TIMED_SHAPE
     if q.dtype not in timed["dtypes"] or (q.shape[3], tile_side(max_len)) != (timed["head_dim"], timed["rows"]):
         return None
-    if kind == "forward one tile, bias loop":
+    if kind == triton_tuning.FORWARD_BIAS_LOOP:
         return BIAS_LOOP_FORWARD_OPTIONS
-    if kind == "backward one tile" and bias_grad:
+    if kind == triton_tuning.BACKWARD_ONE_TILE and bias_grad:
         return BIAS_GRAD_OPTIONS_64_ROWS
     return None
 
@@ -321,7 +298,7 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, sta
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
         *_bias_strides(bias), B, H, N, M, contiguous, P, int(pool), 0, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_LOOP=bias_loop,
-        SHARED_BIAS=shared, PRECISION=_precision(q.dtype), **blk.options(),
+        SHARED_BIAS=shared, PRECISION=dot_precision(q.dtype), **blk.options(),
     )
     return o, lse, pooled.to(q.dtype) if pool else q.new_empty(0)
 
@@ -344,7 +321,7 @@ def _forward_tiled(blk, q, k, v, index, lengths, bias, scale, pool: bool, choice
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
         *_bias_strides(bias), H, N, M, int(pool), scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, HAS_BIAS=bias is not None,
-        PRECISION=_precision(q.dtype), **blk.options(),
+        PRECISION=dot_precision(q.dtype), **blk.options(),
     )
     return o, lse, shares.sum(2).to(q.dtype) if pool else q.new_empty(0)
 
@@ -373,12 +350,12 @@ def backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: 
     M = index.shape[1]
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
-        kind = "backward one tile"
+        kind = triton_tuning.BACKWARD_ONE_TILE
         blk = blk.chosen(default_choice(kind, M, q, bias, need_dbias))
         run = functools.partial(_backward_one_tile, blk, do, q, k, v, lse, index, lengths, bias, scale,
                                 need_dbias, starts)
     else:
-        kind = "backward tiled"
+        kind = triton_tuning.BACKWARD_TILED
         blk = blocks_for(M, q.shape[3], q.dtype, backward=True).chosen(default_choice(kind, M, q, bias, need_dbias))
         run = functools.partial(_backward_tiled, blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
     return triton_tuning.Plan(run, kind, M, q, bias, dict(bias_grad=need_dbias, contiguous=starts is not None))
@@ -401,7 +378,7 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
         *_bias_strides(bias), B, H, N, M, contiguous, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
-        SHARED_BIAS=shared, PRECISION=_precision(q.dtype), **blk.options(),
+        SHARED_BIAS=shared, PRECISION=dot_precision(q.dtype), **blk.options(),
         # no FMA contraction in the bias-gradient loop (its registers: `triton_kernels._pair_grads`)
         **({"enable_fp_fusion": False} if need_dbias else {}),
     )
@@ -424,7 +401,7 @@ def _backward_tiled(blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_
     dq, dk, dv = (_new((B, N, H, d), q.dtype, q.device) for _ in range(3))
     bias_arg = bias if bias is not None else q
     common = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do))
-    meta = dict(HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, PRECISION=_precision(q.dtype))
+    meta = dict(HEAD_DIM=d, BLOCK_D=blk.d, BLOCK_M=blk.m, BLOCK_N=blk.n, PRECISION=dot_precision(q.dtype))
     # fp32 dQ at head dim 128 spills on sm_80 with 8 warps and one stage, not with 4 (compile report)
     dq_options = blk.options() | dict(num_warps=4) if q.dtype == torch.float32 else blk.options()
     _launch(kern.attention_bwd_dq, (P * q_tiles, B * H),

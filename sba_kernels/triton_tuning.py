@@ -49,6 +49,8 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
+from .triton_tiles import dot_precision, tile_side
+
 Choice = Optional[dict]
 
 
@@ -125,11 +127,24 @@ def forget() -> None:
     _TRIALS.clear()
 
 
+# ----------------------------------------------------------------------------- the launches
+# The kinds of launch a configuration is chosen for, the first field of every key (and of
+# `triton_picks`' keys, which spell them out): the one-tile kernels (a subgraph per tile;
+# the forward's bias loop is its own kernel configuration) and the tiled ones.
+FORWARD_ONE_TILE = "forward one tile"
+FORWARD_BIAS_LOOP = "forward one tile, bias loop"
+FORWARD_TILED = "forward tiled"
+BACKWARD_ONE_TILE = "backward one tile"
+BACKWARD_TILED = "backward tiled"
+KINDS = (FORWARD_ONE_TILE, FORWARD_BIAS_LOOP, FORWARD_TILED, BACKWARD_ONE_TILE, BACKWARD_TILED)
+TILED_KINDS = (FORWARD_TILED, BACKWARD_TILED)
+
+
 # ----------------------------------------------------------------------------- what is tried
 def candidates(kind: str, max_len: int) -> list[dict]:
-    """What is tried for a launch ``kind`` ("forward one tile", "backward tiled", ...)."""
-    if "tiled" in kind:
-        return tiled_candidates(max_len, backward=kind.startswith("backward"))
+    """What is tried for a launch ``kind`` (one of `KINDS`)."""
+    if kind in TILED_KINDS:
+        return tiled_candidates(max_len, backward=kind == BACKWARD_TILED)
     return one_tile_candidates()
 
 
@@ -145,8 +160,6 @@ def tiled_candidates(max_len: int, *, backward: bool) -> list[dict]:
     for tl.dot), 4 or 8 warps, 1 or 2 pipeline stages. The forward tries 32-128 query rows
     against 32-64 key rows; the backward, which keeps dK and dV accumulators too, square
     tiles of 16-64 rows."""
-    from .triton_backend import tile_side
-
     fit = tile_side(max_len)
     if backward:
         tiles = {(min(t, fit),) * 2 for t in (16, 32, 64)}
@@ -157,16 +170,22 @@ def tiled_candidates(max_len: int, *, backward: bool) -> list[dict]:
 
 
 def key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], **flags) -> tuple:
-    """What a tuned configuration is kept for: the launch (``kind``), the tile the subgraphs
-    need (``max_len`` rounded up to a power of two), head dim, dtype and fp32 dot precision,
-    the bias (none, or shared ``[P, M, M]`` / per head, and its dtype) and ``flags`` (pooled,
-    contiguous, bias gradient). Not the sizes N, P or B: a key tuned at one N is reused at
-    another."""
-    from .triton_backend import _precision, tile_side
+    """What a tuned configuration is kept for: the launch (``kind``, one of `KINDS`), the tile
+    the subgraphs need (``max_len`` rounded up to a power of two), head dim, dtype and fp32 dot
+    precision, the bias (none, or shared ``[P, M, M]`` / per head, and its dtype) and ``flags``
+    (pooled, contiguous, bias gradient). Not the sizes N, P or B: a key tuned at one N is
+    reused at another."""
+    bias_form = None if bias is None else (bias.dim(), bias.dtype)
+    return _key(kind, tile_side(max_len), q.shape[3], q.dtype, dot_precision(q.dtype), bias_form,
+                tuple(sorted(flags.items())))
 
-    bias_kind = None if bias is None else ("shared" if bias.dim() == 3 else "per_head", _name(bias.dtype))
-    return (kind, tile_side(max_len), q.shape[3], _name(q.dtype), _precision(q.dtype),
-            bias_kind, *sorted(flags.items()))
+
+@functools.lru_cache(maxsize=None)      # every launch asks (`triton_backend.default_choice`): names once
+def _key(kind: str, tile: int, head_dim: int, dtype: torch.dtype, precision: str, bias_form, flags: tuple) -> tuple:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    bias_kind = None if bias_form is None else ("shared" if bias_form[0] == 3 else "per_head", _name(bias_form[1]))
+    return (kind, tile, head_dim, _name(dtype), precision, bias_kind, *flags)
 
 
 def pick_key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], bias_grad: bool) -> tuple:
@@ -174,7 +193,7 @@ def pick_key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tens
     as they are (``pool`` and ``contiguous`` are runtime arguments the kernels do not
     specialise on), and with every tiled launch from 128 rows up as one (no tile is wider, so
     the candidates and their compiles are the same)."""
-    rows = min(max_len, 128) if "tiled" in kind else max_len
+    rows = min(max_len, 128) if kind in TILED_KINDS else max_len
     return key(kind, rows, q, bias, bias_grad=bias_grad)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sba_kernels as sk
-from sba_kernels import triton_backend, triton_tuning
+from sba_kernels import triton_backend, triton_tiles, triton_tuning
 from helpers import dense_masked_attention, random_partition, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +225,8 @@ def test_keys_tell_apart_what_changes_the_kernel():
         assert triton_tuning.key("backward tiled", 128, fp32, None, bias_grad=False, contiguous=False) != exact
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+    with pytest.raises(ValueError, match="kind"):         # a misspelt kind would match no pick, silently
+        triton_tuning.key("forward one-tile", 64, q_of(), None)
 
 
 def test_compile_check_names_what_rules_a_candidate_out(monkeypatch):
@@ -359,9 +361,9 @@ def test_launch_arithmetic_matches_tritons(n):
     """`tile_side` and `ceil_div`, the plain-integer stand-ins on the launch path."""
     import triton
 
-    assert triton_backend.tile_side(n) == max(16, triton.next_power_of_2(n))
+    assert triton_tiles.tile_side(n) == max(16, triton.next_power_of_2(n))
     for b in (1, 16, 32, 64, 128):
-        assert triton_backend.ceil_div(n, b) == triton.cdiv(n, b)
+        assert triton_tiles.ceil_div(n, b) == triton.cdiv(n, b)
 
 
 def test_committed_picks_are_what_the_committed_reports_favour(monkeypatch):
