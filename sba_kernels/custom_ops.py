@@ -105,16 +105,22 @@ def _attention_setup(ctx, inputs, output):
     q, k, v, index, lengths, starts, assignment, bias, scale, pool, backend = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], index, lengths, starts, assignment, bias)
     ctx.scale, ctx.pool, ctx.backend = scale, pool, backend
+    # An output no loss used (lse always; o or z sometimes) reaches the backward as None, not
+    # as zeros autograd would allocate and fill for it: lse's are [B, H, N] fp32, 32 MB at
+    # N = 1e6, H = 8, written on every backward for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, do, _dlse, dz):
     q, k, v, o, lse, index, lengths, starts, assignment, bias = ctx.saved_tensors
     eager = _eager(do, q)
-    if ctx.pool:   # z = segment mean of o, so o's whole gradient is do + dz[part(i)] / n_part(i)
+    if ctx.pool and dz is not None:   # z = segment mean of o: o's whole gradient is do + dz[part(i)] / n_part(i)
         B, N, H, d = q.shape
         mean_bwd = _segment_mean_bwd if eager else segment_mean_bwd
-        dz_rows = mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths, ctx.backend)
-        do = do + dz_rows.view(B, N, H, d)
+        dz_rows = mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths, ctx.backend).view(B, N, H, d)
+        do = dz_rows if do is None else do + dz_rows
+    if do is None:                    # neither o nor z was used (lse's gradient is not followed: no
+        return (None,) * 11           # public op returns lse)
     need_dbias = bias is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dbias = (_attention_bwd if eager else attention_bwd)(
         _rows(do), q, k, v, o, lse, index, lengths, starts, bias, ctx.scale, need_dbias, ctx.backend)

@@ -48,3 +48,49 @@ def test_eager_path_matches_the_custom_ops(monkeypatch, per_head_bias):
     assert {"attention_fwd", "attention_bwd", "segment_mean_fwd", "segment_mean_bwd"} <= set(ops_called)
     for a, b in zip(eager_out + eager_grads, op_out + op_grads):
         assert torch.equal(a, b)
+
+
+class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten calls that fill a tensor with zeros (how autograd materializes the
+    gradient of an output nobody used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zero_, torch.ops.aten.fill_,
+                                   torch.ops.aten.zeros_like):
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["eager", "custom ops"])
+def test_unused_outputs_get_no_zero_gradients(monkeypatch, path):
+    """A backward through o alone (pooled or not) or z alone fills no zeros for lse or the
+    output left unused (`custom_ops._attention_setup`), and its gradients are those of the
+    same loss through the pooled attention with both outputs used."""
+    if sk.backends.get("triton").unavailable(torch.device(DEVICE)):
+        pytest.skip("triton backend unavailable here")
+    if path == "custom ops":
+        monkeypatch.setattr(custom_ops, "_eager", lambda *tensors: False)
+    g = torch.Generator().manual_seed(22)
+    part = random_partition(41, max_size=8, generator=g).to(DEVICE)
+    q, k, v = (torch.randn(2, 41, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    w_o, w_z = torch.randn(2, 41, 2, 16, generator=g).to(DEVICE), torch.randn(2, part.num_parts, 2, 16, generator=g).to(DEVICE)
+
+    def grads(loss_of):
+        loss = loss_of()
+        with _ZeroFills() as fills:
+            out = torch.autograd.grad(loss, (q, k, v))
+        assert fills.seen == []
+        return out
+
+    plain = grads(lambda: (sk.intra_attention(q, k, v, part, backend="triton") * w_o).sum())
+    o_only = grads(lambda: (sk.intra_attention_pooled(q, k, v, part, backend="triton")[0] * w_o).sum())
+    z_only = grads(lambda: (sk.intra_attention_pooled(q, k, v, part, backend="triton")[1] * w_z).sum())
+    both = grads(lambda: sum((t * w).sum() for t, w in zip(sk.intra_attention_pooled(q, k, v, part, backend="triton"),
+                                                          (w_o, w_z))))
+    for a, b, c, total in zip(plain, o_only, z_only, both):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(b + c, total, rtol=1e-5, atol=1e-5)     # the gradient is linear in the loss
