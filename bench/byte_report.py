@@ -326,6 +326,7 @@ def write_report(rows: list[Row], out: Path, *, command: str, problem: Problem, 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "bytes.csv", lambda path: _write_csv(path, rows))
     nodes, parts = sum(n * c for n, c in histogram.items()), sum(histogram.values())
+    tensor_bytes = problem.batch * nodes * problem.heads * problem.head_dim * problem.dtype.itemsize
     commit = (env["commit"] or "unknown")[:12] + (" (with uncommitted changes)" if env.get("commit_dirty") else "")
     stand_in = " (standing in for bf16: the same 2 bytes per element; the interpreter's bf16 dots are wrong, " \
                "its byte counts would be the same)" if dtype_name == "fp16" else ""
@@ -355,8 +356,11 @@ def write_report(rows: list[Row], out: Path, *, command: str, problem: Problem, 
         "comes from the tile when one program holds the subgraph. Ratio = (read + written) / floor; a launch's "
         "ratio is over its whole pass's floor, so the launches of a pass add up to its total.",
         "",
-        "Only Triton launches are counted: torch operations between them (zero-filled buffers, the pooled "
-        "backward's addition of dz's share to dO, the layer's own projections) are not in these numbers.",
+        "Only Triton launches are counted. Without a bias gradient the pooled backward has no torch operation "
+        "between them: z's gradient is taken in by the one-tile backward itself. With one, dz's share reaches "
+        "dO through a segment-mean backward (counted) and a torch addition (not counted: it reads two "
+        f"`[B, N, H, d]` tensors and writes one, 3 x {tensor_bytes / 1e6:,.1f} MB here). "
+        "The layer's own projections are not in these numbers either.",
         "",
         "## Issue 13's targets",
         "",

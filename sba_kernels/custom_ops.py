@@ -8,6 +8,9 @@ A kernel module supplies four launch functions, which `KernelBackend` subclasses
   with ``pool``, z ``[B, P, H, d]`` the subgraph means of o, else an empty tensor;
 * ``attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, starts=None)
   -> (dq, dk, dv, dbias)``: dbias in the bias's shape and dtype, or empty when not needed;
+  a module that also supplies ``takes_pooled_gradient(max_len, q, need_dbias) -> bool`` gets, where that
+  says so, the pooled forward's ``dz`` ``[B, P, H, d]`` as ``attention_backward(..., dz=dz)`` and
+  adds ``dz[part(i)] / n_part(i)`` to dO's rows itself; otherwise dO comes with it added;
 * ``segment_mean_forward(x, index, lengths, starts=None) -> z`` and
   ``segment_mean_backward(dz, assignment, lengths) -> dx``.
 
@@ -85,19 +88,22 @@ def _(q, k, v, index, lengths, starts, assignment, bias, scale, pool, backend):
     return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32), z
 
 
-def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, index: Tensor, lengths: Tensor,
-                   starts: Optional[Tensor], bias: Optional[Tensor], scale: float, need_dbias: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dbias) from o's gradient ``do``; dbias empty unless ``need_dbias``."""
+def _attention_bwd(do: Tensor, dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                   index: Tensor, lengths: Tensor, starts: Optional[Tensor], bias: Optional[Tensor], scale: float,
+                   need_dbias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dbias) from o's gradient ``do`` and, where the backend sums it in
+    (`_fuses_pooled_gradient`), the subgraph means' gradient ``dz``; dbias empty unless
+    ``need_dbias``."""
+    extra = {} if dz is None else {"dz": dz}
     return backends.get(backend).launches.attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale,
-                                                             need_dbias, starts=starts)
+                                                             need_dbias, starts=starts, **extra)
 
 
 attention_bwd = torch.library.custom_op("sba::attention_bwd", _attention_bwd, mutates_args=())
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, index, lengths, starts, bias, scale, need_dbias, backend):
+def _(do, dz, q, k, v, o, lse, index, lengths, starts, bias, scale, need_dbias, backend):
     return (*(q.new_empty(q.shape) for _ in range(3)), bias.new_empty(bias.shape) if need_dbias else q.new_empty(0))
 
 
@@ -111,19 +117,28 @@ def _attention_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _fuses_pooled_gradient(backend: str, max_len: int, q: Tensor, need_dbias: bool) -> bool:
+    """Whether ``backend``'s attention backward adds z's gradient to dO's rows itself (see the
+    module doc), sparing a pass that writes the summed rows first."""
+    takes = getattr(backends.get(backend).launches, "takes_pooled_gradient", None)
+    return takes is not None and takes(max_len, q, need_dbias)
+
+
 def _attention_backward(ctx, do, _dlse, dz):
     q, k, v, o, lse, index, lengths, starts, assignment, bias = ctx.saved_tensors
-    eager = _eager(do, q)
-    if ctx.pool and dz is not None:   # z = segment mean of o: o's whole gradient is do + dz[part(i)] / n_part(i)
+    eager = _eager(do, q, dz)
+    dz = dz if ctx.pool else None
+    need_dbias = bias is not None and ctx.needs_input_grad[7]
+    if dz is not None and (do is None or not _fuses_pooled_gradient(ctx.backend, index.shape[1], q, need_dbias)):
+        # z = segment mean of o, so o's whole gradient is do + dz[part(i)] / n_part(i): summed here
         B, N, H, d = q.shape
         mean_bwd = _segment_mean_bwd if eager else segment_mean_bwd
         dz_rows = mean_bwd(dz.reshape(B, -1, H * d).contiguous(), assignment, lengths, ctx.backend).view(B, N, H, d)
-        do = dz_rows if do is None else do + dz_rows
+        do, dz = (dz_rows if do is None else do + dz_rows), None
     if do is None:                    # neither o nor z was used (lse's gradient is not followed: no
         return (None,) * 11           # public op returns lse)
-    need_dbias = bias is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dbias = (_attention_bwd if eager else attention_bwd)(
-        _rows(do), q, k, v, o, lse, index, lengths, starts, bias, ctx.scale, need_dbias, ctx.backend)
+        _rows(do), dz, q, k, v, o, lse, index, lengths, starts, bias, ctx.scale, need_dbias, ctx.backend)
     return dq, dk, dv, None, None, None, None, dbias if need_dbias else None, None, None, None
 
 

@@ -178,7 +178,10 @@ def _record_attention(dtype: torch.dtype, head_dim: int, m: int, bias_kind: Opti
             o, lse, _ = tb.attention_forward(q, k, v, index, lengths, bias, 0.125, False)
             tb.attention_forward(q, k, v, index, lengths, bias, 0.125, True)
     for need_dbias in ((False, True) if bias is not None else (False,)):     # a bias can be frozen
-        tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=need_dbias)
+        # The pooled forward's backward takes z's gradient inside the one-tile kernel.
+        pooled = tb.takes_pooled_gradient(m, q, need_dbias)
+        for dz in (None, torch.zeros(B, 1, H, head_dim, dtype=dtype)) if pooled else (None,):
+            tb.attention_backward(do, q, k, v, o, lse, index, lengths, bias, 0.125, need_dbias=need_dbias, dz=dz)
 
 
 def _record_segment_mean(dtype: torch.dtype, channels: int) -> None:

@@ -339,46 +339,65 @@ def one_tile_blocks(max_len: int, head_dim: int, dtype: torch.dtype) -> Optional
     return Blocks(m=tile, n=tile, d=d, num_warps=4, num_stages=1)
 
 
-def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None):
+def attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None, dz=None):
     """dq, dk, dv (contiguous) and dbias (or an empty tensor): `_backward_one_tile` when every
-    subgraph fits one tile, else `_backward_tiled`. ``starts`` as in `attention_forward`."""
-    return triton_tuning.launch(backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, starts))
+    subgraph fits one tile, else `_backward_tiled`. ``starts`` as in `attention_forward`.
+    ``dz``: the gradient ``[B, P, H, d]`` of the pooled forward's subgraph means, taken into
+    dO's rows inside the one-tile kernel; only where `takes_pooled_gradient` says so."""
+    return triton_tuning.launch(backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, starts,
+                                              dz))
 
 
-def backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None) -> triton_tuning.Plan:
+def takes_pooled_gradient(max_len: int, q: torch.Tensor, need_dbias: bool) -> bool:
+    """Whether `attention_backward` takes ``dz`` for subgraphs of at most ``max_len`` nodes:
+    where the one-tile backward runs (one program holds a subgraph's rows and its mean's
+    gradient) without the bias-gradient loop (registers: `triton_kernels.attention_bwd_one_tile`).
+    The others take dO with z's share already added."""
+    return not need_dbias and one_tile_blocks(max_len, q.shape[3], q.dtype) is not None
+
+
+def backward_plan(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias: bool, starts=None,
+                  dz=None) -> triton_tuning.Plan:
     """`attention_backward`'s launches, not yet run: `_backward_one_tile` or `_backward_tiled`."""
     M = index.shape[1]
+    if dz is not None and not takes_pooled_gradient(M, q, need_dbias):
+        raise ValueError(f"dz: this backward (subgraphs of {M} nodes, head dim {q.shape[3]}, {q.dtype}, bias "
+                         f"gradient {need_dbias}) takes dO with z's share added (see takes_pooled_gradient)")
     blk = one_tile_blocks(M, q.shape[3], q.dtype)
     if blk is not None:
         kind = triton_tuning.BACKWARD_ONE_TILE
         blk = blk.chosen(default_choice(kind, M, q, bias, need_dbias))
         run = functools.partial(_backward_one_tile, blk, do, q, k, v, lse, index, lengths, bias, scale,
-                                need_dbias, starts)
+                                need_dbias, starts, dz)
     else:
         kind = triton_tuning.BACKWARD_TILED
         blk = blocks_for(M, q.shape[3], q.dtype, backward=True).chosen(default_choice(kind, M, q, bias, need_dbias))
         run = functools.partial(_backward_tiled, blk, do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias)
-    return triton_tuning.Plan(run, kind, M, q, bias, dict(bias_grad=need_dbias, contiguous=starts is not None))
+    flags = dict(bias_grad=need_dbias, contiguous=starts is not None, pool=dz is not None)
+    return triton_tuning.Plan(run, kind, M, q, bias, flags)
 
 
-def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool, starts, choice=None):
+def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_dbias: bool, starts, dz,
+                       choice=None):
     """One launch: each program does whole subgraphs (`triton_kernels.attention_bwd_one_tile`).
     ``choice`` as in `_forward_one_tile`."""
     B, N, H, d = q.shape
     P, M = index.shape
     dq, dk, dv = (_new((B, N, H, d), q.dtype, q.device) for _ in range(3))
     shared = bias is not None and bias.dim() == 3
-    # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias).
+    # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias)
+    # and writes the whole tile: no zero fill first.
     grid = (P, (1 if shared else H) if need_dbias else B * H)
-    dbias = torch.zeros_like(bias) if need_dbias else dq
+    dbias = _new(bias.shape, bias.dtype, bias.device) if need_dbias else dq
     blk = blk.chosen(choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_bwd_one_tile, grid,
-        q, k, v, do, lse, dq, dk, dv, dbias, bias if bias is not None else q, ids, lengths,
+        q, k, v, do, dz.contiguous() if dz is not None else q, lse, dq, dk, dv, dbias,
+        bias if bias is not None else q, ids, lengths,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
-        *_bias_strides(bias), B, H, N, M, contiguous, 0, scale * LOG2E, scale,
+        *_bias_strides(bias), B, H, N, M, P, contiguous, 0, scale * LOG2E, scale,
         HEAD_DIM=d, BLOCK_D=blk.d, BLOCK=blk.m, HAS_BIAS=bias is not None, BIAS_GRAD=need_dbias,
-        SHARED_BIAS=shared, PRECISION=dot_precision(q.dtype), **blk.options(),
+        SHARED_BIAS=shared, POOLED=dz is not None, PRECISION=dot_precision(q.dtype), **blk.options(),
         # no FMA contraction in the bias-gradient loop (its registers: `triton_kernels._pair_grads`)
         **({"enable_fp_fusion": False} if need_dbias else {}),
     )

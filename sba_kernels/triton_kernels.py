@@ -409,14 +409,17 @@ def attention_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias, Bias, Index, Lengths, Q_
 
 # ----------------------------------------------------------------------------- one-tile backward
 @triton.jit
-def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h,
+def _one_tile_grads(Q, K, V, DO, DZ, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h, part, length,
                     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-                    s_gb, s_gn, s_gh, H, N, qk_scale, scale,
-                    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+                    s_gb, s_gn, s_gh, H, N, P, qk_scale, scale,
+                    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, POOLED: tl.constexpr, PRECISION: tl.constexpr):
     """dq, dk, dv of one (batch, head) of a one-tile subgraph, written; returns ds ``[BLOCK, BLOCK]``
     fp32. ``mask``, ``rows``: ``[BLOCK]`` slots in use and their node ids (int64); ``bias``: the
-    subgraph's ``[BLOCK, BLOCK]`` bias tile in its dtype, if HAS_BIAS. Each operand is loaded
-    just before its first use, so fewer tiles are live at once."""
+    subgraph's ``[BLOCK, BLOCK]`` bias tile in its dtype, if HAS_BIAS. With ``POOLED`` the
+    forward also returned z, the subgraph means of o, and ``DZ`` (a contiguous
+    ``[B, P, H, HEAD_DIM]``) is z's gradient: o's whole gradient is then
+    ``dO[i] + dz[part] / length``, taken into dv and dp here. Each operand is loaded just before
+    its first use, so fewer tiles are live at once."""
     # Row offsets include this pair's (batch, head) offset: a program looping over pairs then
     # builds each tile's addresses inside the loop instead of keeping seven [BLOCK, BLOCK_D]
     # address tiles, hoisted out of it, in registers.
@@ -431,9 +434,18 @@ def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h
     grad_rows = _row_offsets(rows, b, h, s_gb, s_gn, s_gh)          # dq, dk and dv share one layout
     do = _load_tile(DO, _row_offsets(rows, b, h, s_db, s_dn, s_dh), mask, offs_d, HEAD_DIM)
     dv = _dot(tl.trans(p).to(do.dtype), do, PRECISION)
+    if POOLED:
+        # o's whole gradient is dO + 1 share^T, share = dz[part] / length (the same for every
+        # row). Its terms join the products, p^T 1 share^T and 1 share^T v^T, rather than the dO
+        # tile: added to the tile before the dots, it took 20 more registers (compile report).
+        share = tl.load(DZ + ((b * P + part) * H + h) * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM,
+                        other=0.0).to(tl.float32) / length.to(tl.float32)
+        dv += tl.sum(p, 0)[:, None] * share[None, :]
     _store_tile(DV, grad_rows, mask, offs_d, dv, HEAD_DIM)
     v = _load_tile(V, _row_offsets(rows, b, h, s_vb, s_vn, s_vh), mask, offs_d, HEAD_DIM)
     dp = _dot(do, tl.trans(v), PRECISION)
+    if POOLED:
+        dp += tl.sum(v.to(tl.float32) * share[None, :], 1)[None, :]
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])
     dq = _dot(ds.to(k.dtype), k, PRECISION)
     _store_tile(DQ, grad_rows, mask, offs_d, dq * scale, HEAD_DIM)
@@ -443,11 +455,11 @@ def _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, offs_d, b, h
 
 
 @triton.jit
-def _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, M, contiguous, bias_off, b, h,
+def _pair_grads(Q, K, V, DO, DZ, LSE, DQ, DK, DV, Bias, Index, part, start, length, M, contiguous, bias_off, b, h,
                 s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-                s_gb, s_gn, s_gh, s_bi, H, N, qk_scale, scale,
+                s_gb, s_gn, s_gh, s_bi, H, N, P, qk_scale, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_BIAS: tl.constexpr, POOLED: tl.constexpr, PRECISION: tl.constexpr):
     """`_one_tile_grads` of (batch ``b``, head ``h``) of subgraph ``part``, its rows and bias
     tile gathered here. ``start`` is the first slot, 0, passed in so that a caller looping over
     pairs can hide that it is the same every pass. Returns ds.
@@ -472,42 +484,49 @@ def _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, start, length, 
     """
     slots, mask, rows = _tile_rows(Index, part, start, length, M, contiguous, BLOCK)
     bias = _one_tile_bias(Bias, bias_off, slots, mask, s_bi, HAS_BIAS)
-    return _one_tile_grads(Q, K, V, DO, LSE, DQ, DK, DV, bias, mask, rows, tl.arange(0, BLOCK_D), b, h,
-                           s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-                           s_gb, s_gn, s_gh, H, N, qk_scale, scale, HEAD_DIM, HAS_BIAS, PRECISION)
+    return _one_tile_grads(Q, K, V, DO, DZ, LSE, DQ, DK, DV, bias, mask, rows, tl.arange(0, BLOCK_D), b, h, part,
+                           length, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
+                           s_gb, s_gn, s_gh, H, N, P, qk_scale, scale, HEAD_DIM, HAS_BIAS, POOLED, PRECISION)
 
 
-@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'contiguous', 'zero'])
-def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Lengths,
+@triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'P', 'contiguous', 'zero'])
+def attention_bwd_one_tile(Q, K, V, DO, DZ, LSE, DQ, DK, DV, DBias, Bias, Index, Lengths,
                            s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-                           s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, B, H, N, M, contiguous, zero, qk_scale, scale,
+                           s_gb, s_gn, s_gh, s_bh, s_bp, s_bi, B, H, N, M, P, contiguous, zero, qk_scale, scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_BIAS: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           POOLED: tl.constexpr, PRECISION: tl.constexpr):
     """The whole backward of subgraphs that fit one tile (``M <= BLOCK``), in one launch.
 
     A subgraph's queries and keys are the same rows, so one program loads its q, k, v, dO and
     lse once and computes the probabilities and their gradient once for both sides
     (`_one_tile_grads`): ``dv = p^T dO``, ``dp = dO v^T``, ``delta_i = sum_j p_ij dp_ij``
     (equal to ``rowsum(dO * O)``, without reading O), ``ds = p (dp - delta)``,
-    ``dq = scale ds k``, ``dk = scale ds^T q``. Every row of dq, dk, dv is written once.
+    ``dq = scale ds k``, ``dk = scale ds^T q``. Every row of dq, dk, dv is written once. With
+    ``POOLED`` (not with ``BIAS_GRAD``), z's gradient ``DZ`` joins dO's in `_one_tile_grads`: no
+    pass over the rows adds it first. In the bias-gradient loop it took 183-185 registers, two
+    programs per SM on sm_90 where three fit without it (compiler facts, d = 64, 64 rows): that
+    launch takes dO with the share added, until a GPU times the two against each other.
 
     Without ``BIAS_GRAD``: grid (P, B * H), one (batch, head) per program. With it, the bias
     gradient sums ds over what the bias is broadcast over, so one program owns each bias tile
     and loops over those pairs in a fixed order: grid (P, H) looping over the batch for a
     per-head bias, (P, 1) looping over batch and heads for a ``SHARED_BIAS``. Deterministic and
     without atomics; q, k, v, dO and lse are read once, the bias tile once per pair. The
-    loop's register count, and the launch options it needs: `_pair_grads`.
+    loop's register count, and the launch options it needs: `_pair_grads`. Every entry of the
+    ``[M, M]`` tile is written, those past the subgraph's length as the 0 they sum to (p is 0
+    there), so DBias needs no zero fill first.
     """
+    tl.static_assert(not (POOLED and BIAS_GRAD), "the bias-gradient loop takes dO with z's share added")
     part = tl.program_id(0)
     length = tl.load(Lengths + part)
     strides = (s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh, s_gb, s_gn, s_gh, s_bi)
     h0 = tl.program_id(1) if BIAS_GRAD else tl.program_id(1) % H      # the bias head; 0 when shared
     bias_off = h0.to(tl.int64) * s_bh + part.to(tl.int64) * s_bp
     if not BIAS_GRAD:
-        _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, 0, length, M, contiguous, bias_off,
-                    (tl.program_id(1) // H).to(tl.int64), h0, *strides, H, N, qk_scale, scale,
-                    HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
+        _pair_grads(Q, K, V, DO, DZ, LSE, DQ, DK, DV, Bias, Index, part, 0, length, M, contiguous, bias_off,
+                    (tl.program_id(1) // H).to(tl.int64), h0, *strides, H, N, P, qk_scale, scale,
+                    HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, POOLED, PRECISION)
     else:
         heads = H if SHARED_BIAS else 1
         dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
@@ -517,13 +536,13 @@ def attention_bwd_one_tile(Q, K, V, DO, LSE, DQ, DK, DV, DBias, Bias, Index, Len
             # would stay in registers for the whole loop and spill. So the bias tile is read
             # once per pair here (from cache after the first), not once per program.
             b, h = (i // heads).to(tl.int64), h0 + i % heads
-            dbias += _pair_grads(Q, K, V, DO, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
-                                 contiguous, bias_off, b, h, *strides, H, N, qk_scale, scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, PRECISION)
+            dbias += _pair_grads(Q, K, V, DO, DZ, LSE, DQ, DK, DV, Bias, Index, part, i * zero, length, M,
+                                 contiguous, bias_off, b, h, *strides, H, N, P, qk_scale, scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK, HAS_BIAS, POOLED, PRECISION)
         slots = tl.arange(0, BLOCK)
-        mask = slots < length
+        in_tile = slots < M          # the whole [M, M] tile: zeros past the length included
         tl.store(DBias + _bias_tile_offsets(bias_off, slots, slots, s_bi), dbias.to(DBias.dtype.element_ty),
-                 mask=mask[:, None] & mask[None, :])
+                 mask=in_tile[:, None] & in_tile[None, :])
 
 
 # ----------------------------------------------------------------------------- segment mean

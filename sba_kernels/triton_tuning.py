@@ -189,10 +189,12 @@ def _key(kind: str, tile: int, head_dim: int, dtype: torch.dtype, precision: str
 
 
 def pick_key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tensor], bias_grad: bool) -> tuple:
-    """The key of `triton_picks.PICKS`: `key` without the flags that leave the compiled kernels
-    as they are (``pool`` and ``contiguous`` are runtime arguments the kernels do not
-    specialise on), and with every tiled launch from 128 rows up as one (no tile is wider, so
-    the candidates and their compiles are the same)."""
+    """The key of `triton_picks.PICKS`: `key` without ``contiguous`` and ``pool``, and with every
+    tiled launch from 128 rows up as one (no tile is wider, so the candidates and their
+    compiles are the same). ``contiguous`` and the forward's ``pool`` are runtime arguments the
+    kernels do not specialise on; the one-tile backward's ``pool`` compiles a variant that
+    loads one more row per (batch, head) and adds it to dO, which takes the pick of the plain
+    one (`bench/kernel_report.py` compiles both at their defaults: no spill)."""
     rows = min(max_len, 128) if kind in TILED_KINDS else max_len
     return key(kind, rows, q, bias, bias_grad=bias_grad)
 

@@ -186,7 +186,7 @@ def test_candidates_reach_the_launch():
             recorded(triton_backend._forward_one_tile, one, q, k, v, small.index, small.lengths, None, 0.25, False,
                      None, False, choice=choice),
             recorded(triton_backend._backward_one_tile, one, q, q, k, v, lse, small.index, small.lengths, None, 0.25,
-                     False, None, choice=choice),
+                     False, None, None, choice=choice),
         ):
             (name, _, meta), = launches
             assert (meta["num_warps"], meta["maxnreg"], meta["BLOCK"]) == (choice["num_warps"], choice["maxnreg"], 16)
@@ -416,7 +416,7 @@ lse = torch.zeros(B, H, N)
 blk = tb.one_tile_blocks(M, d, q.dtype)
 for need_dbias, warps in ((True, 2), (False, 4)):
     run = functools.partial(tb._backward_one_tile, blk, q, q, q, q, lse, index, lengths,
-                            bias if need_dbias else None, 0.125, need_dbias, None)
+                            bias if need_dbias else None, 0.125, need_dbias, None, None)
     print(need_dbias, triton_tuning.compile_check(run, {"num_warps": warps, "maxnreg": 168}, 90))
 
 from sba_kernels import triton_aot
