@@ -81,17 +81,20 @@ def test_the_configurations_cover_what_the_issue_asks(triton_reports):
 def test_one_tile_kernels_fit_three_programs_per_sm_at_head_dim_64(triton_reports):
     """Issue 13's register target on sm_90 (fp16 and bf16, d = 64, 64-row tiles): the one-tile
     forward, with or without a bias and with or without the loop over a bias tile, and the fused
-    backward, without a bias, with one, and summing its gradient (shared or per head), take at
+    backward, without a bias, with one, and summing its gradient (shared or per head), and
+    taking the pooled forward's gradient where it does (no bias, or a frozen one), take at
     most 168 registers, three programs of 128 threads per SM, no spill. The backward summing a
     bias gradient fits from Triton 3.9 on; 3.6 compiles the same source to 196-217 registers
     (`triton_kernels._pair_grads`), so with an older Triton its rows are not held to it."""
     rows = [r for r in triton_reports if r.arch == 90 and "HEAD_DIM=64," in r.config and "BLOCK=64," in r.config
             and r.kernel in ("attention_fwd_one_tile", "attention_bwd_one_tile")]
     kinds = {(r.kernel, "HAS_BIAS=True" in r.config, "BIAS_LOOP=True" in r.config or "BIAS_GRAD=True" in r.config,
-              "SHARED_BIAS=True" in r.config, r.config.split("[dtype=")[1].split(",")[0]) for r in rows}
+              "SHARED_BIAS=True" in r.config, "POOLED=True" in r.config, r.config.split("[dtype=")[1].split(",")[0])
+             for r in rows}
     # forward: no bias, and (per pair, bias loop) x (shared, per head); backward: no bias, and
-    # (bias frozen, bias gradient) x (shared, per head); each in fp16 and bf16
-    assert len(kinds) == len(rows) == 20, sorted(kinds)
+    # (bias frozen, bias gradient) x (shared, per head), and pooled: no bias, bias frozen x
+    # (shared, per head); each in fp16 and bf16
+    assert len(kinds) == len(rows) == 26, sorted(kinds)
     recent = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
     held = [r for r in rows if recent or not r.meta.get("BIAS_GRAD")]
     over = [f"{r.config}: {r.registers} registers, {r.threads} threads, {r.spill_stores} B spilled" for r in held
