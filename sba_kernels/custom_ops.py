@@ -9,8 +9,9 @@ A kernel module supplies four launch functions, which `KernelBackend` subclasses
 * ``attention_backward(do, q, k, v, o, lse, index, lengths, bias, scale, need_dbias, starts=None)
   -> (dq, dk, dv, dbias)``: dbias in the bias's shape and dtype, or empty when not needed;
   a module that also supplies ``takes_pooled_gradient(max_len, q, need_dbias) -> bool`` gets, where that
-  says so, the pooled forward's ``dz`` ``[B, P, H, d]`` as ``attention_backward(..., dz=dz)`` and
-  adds ``dz[part(i)] / n_part(i)`` to dO's rows itself; otherwise dO comes with it added;
+  says so and o has a gradient of its own, the pooled forward's ``dz`` ``[B, P, H, d]`` as
+  ``attention_backward(..., dz=dz)`` and adds ``dz[part(i)] / n_part(i)`` to dO's rows itself;
+  otherwise dO comes with it added;
 * ``segment_mean_forward(x, index, lengths, starts=None) -> z`` and
   ``segment_mean_backward(dz, assignment, lengths) -> dx``.
 

@@ -193,8 +193,8 @@ def pick_key(kind: str, max_len: int, q: torch.Tensor, bias: Optional[torch.Tens
     tiled launch from 128 rows up as one (no tile is wider, so the candidates and their
     compiles are the same). ``contiguous`` and the forward's ``pool`` are runtime arguments the
     kernels do not specialise on; the one-tile backward's ``pool`` compiles a variant that
-    loads one more row per (batch, head) and adds it to dO, which takes the pick of the plain
-    one (`bench/kernel_report.py` compiles both at their defaults: no spill)."""
+    loads z's gradient, one row per (batch, head), into dv and dp, and runs the plain
+    variant's pick (`bench/kernel_report.py` compiles it at that pick: no spill)."""
     rows = min(max_len, 128) if kind in TILED_KINDS else max_len
     return key(kind, rows, q, bias, bias_grad=bias_grad)
 

@@ -91,6 +91,11 @@ def test_unused_outputs_get_no_zero_gradients(monkeypatch, path):
     z_only = grads(lambda: (sk.intra_attention_pooled(q, k, v, part, backend="triton")[1] * w_z).sum())
     both = grads(lambda: sum((t * w).sum() for t, w in zip(sk.intra_attention_pooled(q, k, v, part, backend="triton"),
                                                           (w_o, w_z))))
-    for a, b, c, total in zip(plain, o_only, z_only, both):
+    # z.sum()'s gradient reaches the backward as an expanded tensor, every stride 0
+    z_sum = grads(lambda: sk.intra_attention_pooled(q, k, v, part, backend="triton")[1].sum())
+    both_sum = grads(lambda: sum(f(t) for t, f in zip(sk.intra_attention_pooled(q, k, v, part, backend="triton"),
+                                                      (lambda o: (o * w_o).sum(), torch.sum))))
+    for a, b, c, total, c_sum, total_sum in zip(plain, o_only, z_only, both, z_sum, both_sum):
         assert torch.equal(a, b)
         torch.testing.assert_close(b + c, total, rtol=1e-5, atol=1e-5)     # the gradient is linear in the loss
+        torch.testing.assert_close(b + c_sum, total_sum, rtol=1e-5, atol=1e-5)
