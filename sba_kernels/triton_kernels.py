@@ -148,6 +148,13 @@ def _probs_and_grad(q, k, v, do, lse, delta, Bias, bias_off, slots_m, slots_n, m
     return p, p * (dp - delta[:, None])
 
 
+@triton.jit
+def _pooled_row(b, part, h, P, H, offs_d, HEAD_DIM: tl.constexpr):
+    """Element offsets of row ``[b, part, h, :]`` of a contiguous ``[B, P, H, HEAD_DIM]`` tensor:
+    the pooled outputs (a subgraph's mean, or a tile's share of it) and z's gradient."""
+    return ((b * P + part) * H + h) * HEAD_DIM + offs_d
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=['s_bi', 'TILES_PER_PART', 'H', 'N', 'M', 'pool'])
 def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
@@ -200,8 +207,8 @@ def attention_fwd(Q, K, V, O, LSE, Pooled, Bias, Index, Lengths, TILES_PER_PART,
     if pool:
         # Padding query rows of acc hold a weighted average of real v rows, not zeros: mask them.
         share = tl.sum(tl.where(mask_m[:, None], acc, 0.0), 0) / length.to(tl.float32)
-        slot = (b * tl.num_programs(0) + tl.program_id(0)) * H + h
-        tl.store(Pooled + slot * HEAD_DIM + offs_d, share, mask=offs_d < HEAD_DIM)
+        tile_row = _pooled_row(b, tl.program_id(0), h, tl.num_programs(0), H, offs_d, HEAD_DIM)
+        tl.store(Pooled + tile_row, share, mask=offs_d < HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- one-tile forward
@@ -239,7 +246,7 @@ def _one_tile_output(Q, K, V, O, LSE, Pooled, bias, mask, rows, offs_d, b, h, pa
     if pool:
         # Padding query rows of o hold a weighted average of real v rows, not zeros: mask them.
         mean = tl.sum(tl.where(mask[:, None], o, 0.0), 0) / length.to(tl.float32)
-        tl.store(Pooled + ((b * P + part) * H + h) * HEAD_DIM + offs_d, mean, mask=offs_d < HEAD_DIM)
+        tl.store(Pooled + _pooled_row(b, part, h, P, H, offs_d, HEAD_DIM), mean, mask=offs_d < HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=['s_bi', 'B', 'H', 'N', 'M', 'contiguous', 'P', 'pool', 'zero'])
@@ -438,7 +445,7 @@ def _one_tile_grads(Q, K, V, DO, DZ, LSE, DQ, DK, DV, bias, mask, rows, offs_d, 
         # o's whole gradient is dO + 1 share^T, share = dz[part] / length (the same for every
         # row). Its terms join the products, p^T 1 share^T and 1 share^T v^T, rather than the dO
         # tile: added to the tile before the dots, it took 20 more registers (compile report).
-        share = tl.load(DZ + ((b * P + part) * H + h) * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM,
+        share = tl.load(DZ + _pooled_row(b, part, h, P, H, offs_d, HEAD_DIM), mask=offs_d < HEAD_DIM,
                         other=0.0).to(tl.float32) / length.to(tl.float32)
         dv += tl.sum(p, 0)[:, None] * share[None, :]
     _store_tile(DV, grad_rows, mask, offs_d, dv, HEAD_DIM)
