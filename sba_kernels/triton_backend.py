@@ -290,7 +290,8 @@ def _forward_one_tile(blk, q, k, v, index, lengths, bias, scale, pool: bool, sta
     o = _new((B, N, H, d), q.dtype, q.device)
     lse = _new((B, H, N), torch.float32, q.device)
     pooled = _new((B, P, H, d), torch.float32, q.device) if pool else lse
-    shared = bias is not None and bias.dim() == 3
+    # SHARED_BIAS shapes only the loop over pairs: set without it, it would compile a twin.
+    shared = bias is not None and bias.dim() == 3 and bias_loop
     blk = blk.chosen(choice)
     ids, contiguous = _node_ids(index, starts)
     _launch(kern.attention_fwd_one_tile, (P, (1 if shared else H) if bias_loop else B * H),
@@ -384,7 +385,7 @@ def _backward_one_tile(blk, do, q, k, v, lse, index, lengths, bias, scale, need_
     B, N, H, d = q.shape
     P, M = index.shape
     dq, dk, dv = (_new((B, N, H, d), q.dtype, q.device) for _ in range(3))
-    shared = bias is not None and bias.dim() == 3
+    shared = bias is not None and bias.dim() == 3 and need_dbias     # as in `_forward_one_tile`
     # With dbias, one program per bias tile sums it over the batch (and heads, for a shared bias)
     # and writes the whole tile: no zero fill first.
     grid = (P, (1 if shared else H) if need_dbias else B * H)

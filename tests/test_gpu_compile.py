@@ -35,8 +35,9 @@ CSRC = ROOT / "csrc"
 
 
 # ----------------------------------------------------------------------------- Triton
-# About 1060 compiles: some 8 minutes of CI's 2 cores, started in the background when the
-# session's collection ends (conftest.py), waited for by the first test that asks.
+# About 1140 compiles (570 configurations, each for sm_90 and sm_80), near 0.9 s of one core
+# each: some 17 core-minutes, started in the background when the session's collection ends
+# (conftest.py), waited for by the first test that asks.
 COMPILE_ALL = pytest.mark.timeout(1800)
 
 
@@ -91,10 +92,10 @@ def test_one_tile_kernels_fit_three_programs_per_sm_at_head_dim_64(triton_report
     kinds = {(r.kernel, "HAS_BIAS=True" in r.config, "BIAS_LOOP=True" in r.config or "BIAS_GRAD=True" in r.config,
               "SHARED_BIAS=True" in r.config, "POOLED=True" in r.config, r.config.split("[dtype=")[1].split(",")[0])
              for r in rows}
-    # forward: no bias, and (per pair, bias loop) x (shared, per head); backward: no bias, and
-    # (bias frozen, bias gradient) x (shared, per head), and pooled: no bias, bias frozen x
-    # (shared, per head); each in fp16 and bf16
-    assert len(kinds) == len(rows) == 26, sorted(kinds)
+    # forward: no bias, a bias per pair (one kernel whether it is shared or per head), and the
+    # bias loop (shared, per head); backward: no bias, a frozen bias (one kernel), its gradient
+    # (shared, per head), and pooled: no bias, bias frozen; each in fp16 and bf16
+    assert len(kinds) == len(rows) == 20, sorted(kinds)
     recent = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
     held = [r for r in rows if recent or not r.meta.get("BIAS_GRAD")]
     over = [f"{r.config}: {r.registers} registers, {r.threads} threads, {r.spill_stores} B spilled" for r in held
