@@ -13,9 +13,9 @@ if not torch.cuda.is_available():
 
 
 # The ahead-of-time compile of every Triton launch configuration (`tests/test_gpu_compile.py`)
-# takes about 17 minutes of one of CI's two cores. When those tests are selected it starts as soon as
-# collection ends, in worker processes at the lowest priority, so that it runs on whatever core
-# the other tests leave idle (they mostly run on one), and the tests that read it run last.
+# takes about 17 minutes of one of CI's two cores. When those tests are selected it starts as
+# soon as collection ends, in worker processes at the lowest priority, so that it runs on
+# whatever core the other tests leave idle, and the tests that read it run last.
 AOT_RUN = pytest.StashKey()
 
 
