@@ -3,7 +3,8 @@
 # Logs and results go to $OUT (the device tool brings that folder back); commit them under
 # bench/results/gpu-<device>/ afterwards.
 #
-#   bash bench/gpu_check.sh [build] [tests] [sanitize] [kernels] [autotune] [sweep]   (default: all six)
+#   bash bench/gpu_check.sh [build] [tests] [sanitize] [kernels] [profile] [pooled] [autotune] [sweep]
+#       (default: all eight)
 #   SWEEP_ARGS="--n 8600 100000" bash bench/gpu_check.sh sweep
 #   PYTEST_ARGS="-n 8 --maxfail 30" bash bench/gpu_check.sh tests   (default: -x, one process)
 #
@@ -28,7 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 STAGE_S=${STAGE_S:-150}
 mkdir -p "$OUT"
-stages=${*:-build tests sanitize kernels autotune sweep}
+stages=${*:-build tests sanitize kernels profile pooled autotune sweep}
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -74,6 +75,12 @@ for s in $stages; do
                     'intra[cuda]' 'intra[torch]' \
                     'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
+        profile)    # where a forward+backward's time goes: kernels against the host's issue time, and
+                    # the host's Python by function (at N = 1e5 the host took 2.5x the kernels' time)
+            stage profile profile.log python3 bench/profile_intra.py --n 8600 100000 1000000 --host-profile \
+                --out "$OUT/profile.md" ;;
+        pooled)     # the pooled backward: z's gradient in the kernel (POOLED) against a pass before it
+            stage pooled pooled.log python3 bench/pooled_options.py --n 100000 1000000 --out "$OUT/pooled_options.md" ;;
         autotune)   # triton_tuning: tuned against default configurations, N = 1e5 and 1e6; M = 64 (the
                     # one-tile kernels) and 128 (the tiled ones, where the compile rule's picks,
                     # bench/results/static/tuning/, replaced the blocks). Own limit (AUTOTUNE_S, default 270 s,

@@ -259,3 +259,34 @@ def test_tuning_report_applies_the_written_rule(monkeypatch):
                 dict(ok=False, error="x")):
         assert pick(config(64, 2, 8, **bad), config(32, 1, 4)) == 1, bad
     assert pick(config(64, 2, 8, ok=False, error="x")) is None
+
+
+def test_pooled_options_times_the_fused_and_the_separate_backward(monkeypatch):
+    """bench/pooled_options.py's two choices reach the op: the fused backward runs no
+    segment-mean backward, the separate pass one per step, and both give the same gradients."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from pooled_options import CHOICES, time_choices
+    from sba_kernels import custom_ops
+    from workload import Config
+
+    mean_backwards = []
+    for name in ("_segment_mean_bwd", "segment_mean_bwd"):
+        original = getattr(custom_ops, name)
+        monkeypatch.setattr(custom_ops, name, lambda *a, _f=original, **kw: mean_backwards.append(1) or _f(*a, **kw))
+    calls = []
+
+    def bench(step):
+        before = len(mean_backwards)
+        step()
+        calls.append((len(mean_backwards) - before, [t.grad.clone() for t in step.inputs]))
+        return float(len(calls))                  # 1.0 then 2.0 "ms": the table's ratios follow
+
+    cfg = Config(batch=2, heads=2, head_dim=16, subgraph_size=16, dtype="fp32", device="cpu", backward=True)
+    rows = time_choices(200, "per_head", cfg, bench)
+    assert [r.split(" | ")[2] for r in rows] == list(CHOICES)
+    assert rows[1].endswith("| 2.000 | 2.00 |")
+    (fused_means, fused), (separate_means, separate) = calls
+    assert fused_means == 0 and separate_means == 1
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
