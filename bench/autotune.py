@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Config, build_runs_layout, intra_passes, make_inputs  # noqa: E402
+from workload import GPU_LAUNCH_BENCH, Config, build_runs_layout, intra_passes, make_inputs  # noqa: E402
 
 from sba_kernels import triton_tuning  # noqa: E402
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         p.error("needs a CUDA device")
     import triton
 
-    cfg = Config(batch=1, heads=8, head_dim=64, subgraph_size=64, dtype="bf16", device="cuda", backward=True)
+    cfg = GPU_LAUNCH_BENCH
     head = [f"# Autotuned vs default launch configurations: {torch.cuda.get_device_name()}, "
             f"torch {torch.__version__}, triton {triton.__version__}", "",
             "bf16, B = 1, H = 8, d = 64, contiguous METIS-sized runs; median ms (`do_bench`).", "",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Config, build_layout, intra_passes, make_inputs  # noqa: E402
+from workload import GPU_LAUNCH_BENCH, Config, build_layout, intra_passes, make_inputs  # noqa: E402
 
 from sba_kernels import triton_backend  # noqa: E402
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
-    cfg = Config(batch=1, heads=8, head_dim=64, subgraph_size=64, dtype="bf16", device="cuda", backward=True)
+    cfg = GPU_LAUNCH_BENCH
     lines = [f"# One-tile launch choices with a graph bias: {torch.cuda.get_device_name()}, torch {torch.__version__}",
              "", "bf16, B = 1, H = 8, d = 64, METIS subgraphs of at most 64; median ms (`do_bench`).", "",
              "| N | bias | pass | choice | ms | x fastest |", "| ---: | --- | --- | --- | ---: | ---: |"]

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Config, build_layout, make_inputs  # noqa: E402
+from workload import GPU_LAUNCH_BENCH, Config, build_layout, make_inputs  # noqa: E402
 
 import sba_kernels as sk  # noqa: E402
 from sba_kernels import Partition, custom_ops  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         p.error("needs a CUDA device")
     from triton.testing import do_bench
 
-    cfg = Config(batch=1, heads=8, head_dim=64, subgraph_size=64, dtype="bf16", device="cuda", backward=True)
+    cfg = GPU_LAUNCH_BENCH
     lines = [f"# The pooled backward: z's gradient in the kernel or in a pass before it: {torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}", "",
              "bf16, B = 1, H = 8, d = 64, METIS subgraphs of at most 64, forward+backward of "

@@ -39,6 +39,11 @@ class Config:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
+# The launch benchmarks' workload on a GPU (`bias_options.py`, `pooled_options.py`,
+# `autotune.py`): bf16, B = 1, H = 8, d = 64, subgraphs of at most 64 nodes.
+GPU_LAUNCH_BENCH = Config(batch=1, heads=8, head_dim=64, subgraph_size=64, dtype="bf16", device="cuda", backward=True)
+
+
 def build_layout(num_nodes: int, subgraph_size: int, seed: int = 0,
                  max_size: int | None = None) -> tuple[Partition, list[Partition]]:
     """METIS partition of a k-NN graph on random points, nodes renumbered so parts are contiguous,
