@@ -76,7 +76,7 @@ for s in $stages; do
                     'sba_layer[triton]' 'sba_layer[cuda]' 'sba_layer[torch]'
             done ;;
         profile)    # where a forward+backward's time goes: kernels against the host's issue time, and
-                    # the host's Python by function (at N = 1e5 the host took 2.5x the kernels' time)
+                    # the host's Python by function (at N = 1e5 the host took 1.6-2.6x the kernels' time, run3-run5)
             stage profile profile.log python3 bench/profile_intra.py --n 8600 100000 1000000 --host-profile \
                 --out "$OUT/profile.md" ;;
         pooled)     # the pooled backward: z's gradient in the kernel (POOLED) against a pass before it

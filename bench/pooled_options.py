@@ -69,21 +69,23 @@ def pooled_step(q, k, v, partition: Partition, bias: Optional[torch.Tensor], bac
     return step
 
 
-def time_choices(n: int, bias_kind: str, cfg: Config, bench: Callable[[Callable], float]) -> list[str]:
-    """Markdown rows ``| N | bias | choice | ms | x fastest |`` for one N and bias kind."""
+def time_choices(n: int, bias_kinds: list[str], cfg: Config, bench: Callable[[Callable], float]) -> Iterator[list[str]]:
+    """For each bias kind, markdown rows ``| N | bias | choice | ms | x fastest |`` at ``n``
+    nodes (the graph and its partition built once: at N = 1e6 they take longer than the timing)."""
     partition = build_layout(n, cfg.subgraph_size, seed=cfg.seed, max_size=cfg.subgraph_size)[0].to(cfg.device)
     q, k, v = make_inputs(n, cfg, requires_grad=True)
     P, M = partition.index.shape
-    bias = None
-    if bias_kind != "none":
-        shape = (P, M, M) if bias_kind == "shared" else (cfg.heads, P, M, M)
-        bias = torch.randn(shape, device=cfg.device, dtype=cfg.torch_dtype)        # frozen: no gradient
-    step = pooled_step(q, k, v, partition, bias)
-    times = {CHOICES[0]: bench(step)}
-    with separate_pass():
-        times[CHOICES[1]] = bench(step)
-    best = min(times.values())
-    return [f"| {n:,} | {bias_kind} | {name} | {ms:.3f} | {ms / best:.2f} |" for name, ms in times.items()]
+    for bias_kind in bias_kinds:
+        bias = None
+        if bias_kind != "none":
+            shape = (P, M, M) if bias_kind == "shared" else (cfg.heads, P, M, M)
+            bias = torch.randn(shape, device=cfg.device, dtype=cfg.torch_dtype)        # frozen: no gradient
+        step = pooled_step(q, k, v, partition, bias)
+        times = {CHOICES[0]: bench(step)}
+        with separate_pass():
+            times[CHOICES[1]] = bench(step)
+        best = min(times.values())
+        yield [f"| {n:,} | {bias_kind} | {name} | {ms:.3f} | {ms / best:.2f} |" for name, ms in times.items()]
 
 
 def main(argv=None) -> int:
@@ -103,9 +105,9 @@ def main(argv=None) -> int:
              "`intra_attention_pooled` with a gradient into o and z; median ms (`do_bench`).", "",
              "| N | bias | choice | ms | x fastest |", "| ---: | --- | --- | ---: | ---: |"]
     for n in args.n:
-        for kind in args.bias:
-            lines += time_choices(n, kind, cfg, lambda fn: do_bench(fn, return_mode="median"))
-            print("\n".join(lines[-len(CHOICES):]), flush=True)
+        for rows in time_choices(n, args.bias, cfg, lambda fn: do_bench(fn, return_mode="median")):
+            lines += rows
+            print("\n".join(rows), flush=True)
             if args.out:                                  # rewritten after every point: a killed run keeps them
                 args.out.write_text("\n".join(lines) + "\n")
     return 0

@@ -485,7 +485,7 @@ def _pair_grads(Q, K, V, DO, DZ, LSE, DQ, DK, DV, Bias, Index, part, start, leng
       products, so p and ``dp - delta`` (two fp32 tiles) stayed live through them where ds
       alone would. dq before dk saves a few more (per-head bias: 178 -> 164).
 
-    Triton 3.6 compiles the same source to 196-217 registers, two programs per SM. (A form
+    Triton 3.6 compiles the same source to 196-219 registers, two programs per SM. (A form
     that called this body as a function the compiler may not inline took 158-161 registers,
     but ptxas serialised its wgmma instructions; it went once the inlined form fit.)
     """

@@ -283,7 +283,7 @@ def test_pooled_options_times_the_fused_and_the_separate_backward(monkeypatch):
         return float(len(calls))                  # 1.0 then 2.0 "ms": the table's ratios follow
 
     cfg = Config(batch=2, heads=2, head_dim=16, subgraph_size=16, dtype="fp32", device="cpu", backward=True)
-    rows = time_choices(200, "per_head", cfg, bench)
+    rows, = time_choices(200, ["per_head"], cfg, bench)
     assert [r.split(" | ")[2] for r in rows] == list(CHOICES)
     assert rows[1].endswith("| 2.000 | 2.00 |")
     (fused_means, fused), (separate_means, separate) = calls
