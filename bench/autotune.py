@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import GPU_LAUNCH_BENCH, Config, build_runs_layout, intra_passes, make_inputs  # noqa: E402
+from workload import GPU_LAUNCH_BENCH, Config, build_runs_layout, intra_passes, make_bias, make_inputs  # noqa: E402
 
 from sba_kernels import triton_tuning  # noqa: E402
 
@@ -37,10 +37,7 @@ def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple
 
     partition = build_runs_layout(n, subgraph_size)[0].to("cuda")
     q, k, v = make_inputs(n, cfg, requires_grad=True)
-    P, M = partition.index.shape
-    bias = None
-    if bias_kind == "shared":
-        bias = torch.randn(P, M, M, device="cuda", dtype=cfg.torch_dtype, requires_grad=True)
+    bias = make_bias(partition, cfg, bias_kind, requires_grad=True)
     passes = intra_passes(q, k, v, partition, bias, torch.randn_like(q))
     triton_tuning.forget()
     rows = []

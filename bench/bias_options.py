@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import GPU_LAUNCH_BENCH, Config, build_layout, intra_passes, make_inputs  # noqa: E402
+from workload import GPU_LAUNCH_BENCH, Config, build_layout, intra_passes, make_bias, make_inputs  # noqa: E402
 
 from sba_kernels import triton_backend  # noqa: E402
 
@@ -53,9 +53,7 @@ def time_choices(n: int, bias_kind: str, cfg: Config) -> list[str]:
 
     partition = build_layout(n, cfg.subgraph_size, seed=cfg.seed, max_size=cfg.subgraph_size)[0].to("cuda")
     q, k, v = make_inputs(n, cfg, requires_grad=True)
-    P, M = partition.index.shape
-    shape = (P, M, M) if bias_kind == "shared" else (cfg.heads, P, M, M)
-    bias = torch.randn(shape, device="cuda", dtype=cfg.torch_dtype, requires_grad=True)
+    bias = make_bias(partition, cfg, bias_kind, requires_grad=True)
     passes = intra_passes(q, k, v, partition, bias, torch.randn_like(q))
     forward, forward_backward = passes["forward"], passes["forward+backward"]
     never = 2**62

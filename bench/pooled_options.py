@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import GPU_LAUNCH_BENCH, Config, build_layout, make_inputs  # noqa: E402
+from workload import GPU_LAUNCH_BENCH, Config, build_layout, make_bias, make_inputs  # noqa: E402
 
 import sba_kernels as sk  # noqa: E402
 from sba_kernels import Partition, custom_ops  # noqa: E402
@@ -74,12 +74,8 @@ def time_choices(n: int, bias_kinds: list[str], cfg: Config, bench: Callable[[Ca
     nodes (the graph and its partition built once: at N = 1e6 they take longer than the timing)."""
     partition = build_layout(n, cfg.subgraph_size, seed=cfg.seed, max_size=cfg.subgraph_size)[0].to(cfg.device)
     q, k, v = make_inputs(n, cfg, requires_grad=True)
-    P, M = partition.index.shape
     for bias_kind in bias_kinds:
-        bias = None
-        if bias_kind != "none":
-            shape = (P, M, M) if bias_kind == "shared" else (cfg.heads, P, M, M)
-            bias = torch.randn(shape, device=cfg.device, dtype=cfg.torch_dtype)        # frozen: no gradient
+        bias = make_bias(partition, cfg, bias_kind, requires_grad=False)          # frozen: no gradient
         step = pooled_step(q, k, v, partition, bias)
         times = {CHOICES[0]: bench(step)}
         with separate_pass():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -82,6 +83,18 @@ def _consecutive_runs(num_nodes: int, size: int) -> Partition:
 def build_partition(num_nodes: int, subgraph_size: int, seed: int = 0) -> Partition:
     """The node partition of `build_layout`."""
     return build_layout(num_nodes, subgraph_size, seed)[0]
+
+
+def make_bias(partition: Partition, cfg: Config, kind: Optional[str], *, requires_grad: bool) -> Optional[torch.Tensor]:
+    """A graph bias drawn from N(0, 1), as `SBAttention` holds one: ``[P, M, M]`` for ``kind``
+    "shared" (by the heads), ``[H, P, M, M]`` for "per_head"; None for None or "none"."""
+    if kind in (None, "none"):
+        return None
+    if kind not in ("shared", "per_head"):
+        raise ValueError(f"kind: 'shared', 'per_head', 'none' or None, got {kind!r}")
+    P, M = partition.index.shape
+    shape = (P, M, M) if kind == "shared" else (cfg.heads, P, M, M)
+    return torch.randn(shape, device=cfg.device, dtype=cfg.torch_dtype, requires_grad=requires_grad)
 
 
 def make_inputs(num_nodes: int, cfg: Config, *, requires_grad: bool) -> tuple[torch.Tensor, ...]:
