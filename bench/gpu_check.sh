@@ -3,8 +3,8 @@
 # Logs and results go to $OUT (the device tool brings that folder back); commit them under
 # bench/results/gpu-<device>/ afterwards.
 #
-#   bash bench/gpu_check.sh [build] [tests] [sanitize] [kernels] [profile] [pooled] [autotune] [sweep]
-#       (default: all eight)
+#   bash bench/gpu_check.sh [build] [tests] [sanitize] [kernels] [profile] [graph] [pooled] [autotune] [sweep]
+#       (default: all nine)
 #   SWEEP_ARGS="--n 8600 100000" bash bench/gpu_check.sh sweep
 #   PYTEST_ARGS="-n 8 --maxfail 30" bash bench/gpu_check.sh tests   (default: -x, one process)
 #
@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 STAGE_S=${STAGE_S:-150}
 mkdir -p "$OUT"
-stages=${*:-build tests sanitize kernels profile pooled autotune sweep}
+stages=${*:-build tests sanitize kernels profile graph pooled autotune sweep}
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -79,6 +79,10 @@ for s in $stages; do
                     # the host's Python by function (at N = 1e5 the host took 1.6-2.6x the kernels' time, run3-run5)
             stage profile profile.log python3 bench/profile_intra.py --n 8600 100000 1000000 --host-profile \
                 --out "$OUT/profile.md" ;;
+        graph)      # the same calls replayed from CUDA graphs: the kernels' time with the host out of the
+                    # way (where `profile` finds the host slower than the kernels), triton against its peers
+            stage graph graph.log python3 bench/scaling.py --n 8600 100000 1000000 --cuda-graph \
+                --methods 'intra[triton]' flex_document sdpa_padded 'sba_layer[triton]' --out "$OUT/graph" ;;
         pooled)     # the pooled backward: z's gradient in the kernel (POOLED) against a pass before it
             stage pooled pooled.log python3 bench/pooled_options.py --n 100000 1000000 --out "$OUT/pooled_options.md" ;;
         autotune)   # triton_tuning: tuned against default configurations, N = 1e5 and 1e6; M = 64 (the

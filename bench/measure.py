@@ -63,6 +63,25 @@ def median_ms(fn: Callable[[], object], device: str, budget_s: float) -> float:
     return cpu_medians_ms(fn, budget_s)[0]
 
 
+def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph; the call returned replays it: the same kernels on
+    the same buffers, issued by one host call in place of ``fn``'s Python, autograd and launches.
+    What a small-N call costs when the host is out of the way (``scaling.py --cuda-graph``), and
+    how a training loop gets there (`torch.cuda.graphs`). ``fn`` must be capturable: no host
+    synchronisation, no copy from pageable host memory. Warmed up on a side stream first, as
+    PyTorch's CUDA-graph notes ask. Raises what the capture raises."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def cpu_medians_ms(fn: Callable[[], object], budget_s: float) -> tuple[float, float]:
     """CPU: median wall milliseconds and median process CPU milliseconds (all threads) per call,
     over the same calls. Other users' load on a shared machine stretches the wall time but not

@@ -14,6 +14,8 @@ other users' load does not stretch) and log-log ``memory.png`` / ``time.png`` wi
 of each method in the legend. Above ``INTER_THRESHOLD`` subgraphs the SBA layer's inter
 attention is hierarchical; each row records its number of levels (``inter_levels``) and the
 ``layout`` (``--layout runs`` skips the graph and METIS for N = 1e7: see `workload.build_runs_layout`).
+``--cuda-graph`` (GPU) times replays of each call captured in a CUDA graph: at small N an eager
+call is bound by the host's Python, autograd and launches, not by the kernels.
 ``--large`` is the sweep that checks the layer stays linear past that point: ``sba_layer``
 and its intra / inter split, forward only, N = 2^16 .. 2^20 (10 minutes on the shared 2-core
 machine), written to ``scaling-<device>-large``. On a GPU, the ``intra[...]`` rows also carry
@@ -68,7 +70,8 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
     attention levels over ``partition``'s subgraphs). Forward and forward+backward each
     get a status ("ok", "oom", "error: ..."): a peer whose backward is unsupported on this
     device still reports its forward. Memory is measured before timing, on a fresh process's
-    first calls (on the CPU)."""
+    first calls (on the CPU). With ``cfg.cuda_graph`` the time is that of replaying each call
+    captured in a CUDA graph (`measure.cuda_graph_replay`); memory stays the eager call's."""
     row = {"method": name, "n": num_nodes}
     q, k, v = make_inputs(num_nodes, cfg, requires_grad=cfg.backward)
     grad = torch.randn_like(q)
@@ -94,7 +97,9 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
             call()                 # warm-up, shared by both measurements
             row[f"{key}_peak_bytes"] = measure.peak_bytes(call, cfg.device)
             if cfg.device == "cuda":
-                row[f"{key}_ms"] = measure.median_ms(call, cfg.device, budget_s)
+                timed = measure.cuda_graph_replay(call) if cfg.cuda_graph else call
+                row[f"{key}_ms"] = measure.median_ms(timed, cfg.device, budget_s)
+                del timed          # a captured graph holds its memory pool until dropped
             else:
                 row[f"{key}_ms"], row[f"{key}_cpu_ms"] = measure.cpu_medians_ms(call, budget_s)
             row[f"{key}_status"] = "ok"
@@ -374,6 +379,9 @@ def parse_args(argv=None):
     p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
                    help="also time forward+backward (default: yes, but not with --large)")
     p.add_argument("--methods", nargs="+", help="only these methods (names as in the output)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="GPU: time each call captured once in a CUDA graph and replayed (no host overhead); "
+                        "a method that cannot be captured is an error row")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/scaling-<device>)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     p.add_argument("--max-call-s", type=float, default=None, help="stop a method after a call this slow")
@@ -392,6 +400,8 @@ def parse_args(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
     gpu = device == "cuda"
+    if args.cuda_graph and not gpu:
+        p.error("--cuda-graph: CUDA graphs need --device cuda")
     args.device = device
     if args.large:
         backends = [b for b in methods.registry(device) if b.startswith("intra[")]
@@ -424,7 +434,7 @@ def main(argv=None) -> int:
         _child_main(args.point)
         return 0
     cfg = Config(batch=args.batch, heads=args.heads, head_dim=args.head_dim, subgraph_size=args.subgraph_size,
-                 dtype=args.dtype, device=args.device, backward=args.backward)
+                 dtype=args.dtype, device=args.device, backward=args.backward, cuda_graph=args.cuda_graph)
     env = environment(cfg.device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env.get('commit')}")
     bandwidth = measure.copy_bandwidth("cuda") if cfg.device == "cuda" else None

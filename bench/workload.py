@@ -34,6 +34,7 @@ class Config:
     device: str
     backward: bool
     seed: int = 0
+    cuda_graph: bool = False     # time replays of each call captured in a CUDA graph (GPU only)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -52,6 +52,19 @@ def test_scaling_script_writes_files_and_slopes_follow_the_math(tmp_path):
     assert slopes["sdpa_dense_mask"]["fwd_peak_bytes"] > 1.6      # the N x N mask and scores
 
 
+def test_scaling_cuda_graph_needs_a_gpu(capsys):
+    """``--cuda-graph`` times replays of captured CUDA graphs (`measure.cuda_graph_replay`; run on
+    a GPU by `tests/test_cuda_graph.py` and gpu_check's ``graph`` stage): asked for on the CPU it is
+    refused by name, before any point runs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scaling import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--cuda-graph", "--n", "512"])
+    assert "--cuda-graph: CUDA graphs need --device cuda" in capsys.readouterr().err
+    assert parse_args(["--device", "cpu", "--n", "512"]).cuda_graph is False
+
+
 def test_seed_summary_means_and_spreads(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     from seed_summary import main
