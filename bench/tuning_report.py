@@ -1,7 +1,8 @@
 """Compiler facts for every autotuning candidate, the configuration they favour, and the table
 of those picks the launches run by default, on a machine without a GPU.
 
-    python bench/tuning_report.py --dtype bf16 fp16 --head-dim 16 24 32 64 128 --write-picks
+    python bench/tuning_report.py --dtype bf16 fp16 --head-dim 16 24 32 64 128 --write-picks \
+        --veto-python /path/to/venv-with-triton-3.6/bin/python
 
 For each dtype and head dim given, each attention launch the model makes, at every tile bucket
 (16, 32, 64 and 128 rows: the one-tile kernels where a subgraph fits their tile, else the tiled
@@ -20,8 +21,10 @@ performance-loss line, the widest query tile (each query tile of a subgraph read
 and values again: the bytes), then the most warps resident per SM on sm_90 (programs per SM x
 warps, the least over the launches of a backward: latency hiding), then the most programs per
 SM, then the blocks before the picks (what `one_tile_blocks` / `blocks_for` give), then the
-first listed. A GPU timing overrides it where one was made
-(`triton_backend.timed_choice`).
+first listed. With ``--veto-python``, the favoured candidate is compiled again by that Python's
+Triton (the lent GPU's version, which allocates registers differently), and one it cannot
+compile that way is ruled out too: the next favoured is taken. A GPU timing overrides the rule
+where one was made (`triton_backend.timed_choice`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import subprocess
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -125,6 +130,55 @@ def compile_all(jobs: list, workers: int, cache: Optional[Path] = None) -> dict:
     return {job: found[job] for job in jobs}
 
 
+def compile_with(python: str, jobs: list, workers: int, cache: Optional[Path] = None) -> tuple[str, dict]:
+    """`compile_all` run by another Python (its own Triton; this project from this checkout):
+    that Triton's version and (launch, arch) -> CompileReport."""
+    with tempfile.TemporaryDirectory() as tmp:
+        given, got = Path(tmp) / "jobs.pkl", Path(tmp) / "reports.pkl"
+        given.write_bytes(pickle.dumps(jobs))
+        cmd = [python, __file__, "--compile-jobs", str(given), str(got), "--workers", str(workers)]
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # compiling needs real kernels
+        subprocess.run(cmd + (["--cache", str(cache)] if cache is not None else []), check=True,
+                       env=dict(env, PYTHONPATH=str(ROOT)))
+        version, reports = pickle.loads(got.read_bytes())
+    return version, dict(zip(jobs, reports))
+
+
+def _compile_jobs(given: Path, got: Path, workers: int, cache: Optional[Path]) -> None:
+    """The other end of `compile_with`: compile the pickled jobs here, pickle the reports."""
+    import triton
+
+    jobs = pickle.loads(given.read_bytes())
+    reports = compile_all(jobs, workers, cache)
+    got.write_bytes(pickle.dumps((triton.__version__, [reports[job] for job in jobs])))
+
+
+def veto(entries: list, python: str, workers: int, cache: Optional[Path]) -> tuple[str, int]:
+    """Compile each entry's favoured candidate with ``python``'s Triton (`compile_with`); one
+    unusable there gets its reason in ``why`` and the rule favours again, until every favoured
+    candidate compiled there too or none is left. ``entries``: ``(rows, before, launches per
+    row)`` as `report` builds them; rows are changed in place. Returns that Triton's version and
+    how many candidates it ruled out."""
+    checked, version, ruled_out = set(), "", 0
+    while True:
+        pending = {}
+        for i, (rows, before, launches) in enumerate(entries):
+            best = favoured(rows, before)
+            if best is not None and (i, best) not in checked:
+                pending[i, best] = launches[best]
+        if not pending:
+            return version, ruled_out
+        jobs = list(dict.fromkeys((launch, arch) for ls in pending.values() for launch in ls for arch in ARCHS))
+        print(f"  {len(pending)} favoured candidates: {len(jobs)} compiles with {python}", flush=True)
+        version, reports = compile_with(python, jobs, workers, cache)
+        for (i, best), ls in pending.items():
+            checked.add((i, best))
+            why = facts([reports[launch, arch] for launch in ls for arch in ARCHS])["why"]
+            if why:
+                entries[i][0][best][1]["why"] = f"triton {version}: {why}"
+                ruled_out += 1
+
+
 def _cache_name(launch: triton_aot.Launch, arch: int) -> str:
     described = repr((launch, arch, *_compiler_and_sources()))
     return hashlib.sha256(described.encode()).hexdigest()[:32]
@@ -185,9 +239,10 @@ def _git(*args) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[Path]) -> tuple[list[str], dict]:
+def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[Path],
+           veto_python: Optional[str] = None) -> tuple[list[str], dict]:
     """One (dtype, head dim): the report's lines and its picks (`triton_tuning.pick_key` ->
-    configuration)."""
+    configuration); with ``veto_python``, picks that Python's Triton compiles too (`veto`)."""
     import triton
 
     dtype, tf32 = DTYPES[name]
@@ -201,11 +256,20 @@ def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[
     print(f"{name}, d = {head_dim}: {len(jobs)} compiles", flush=True)
     reports = compile_all(jobs, workers, cache)
 
-    summary = ["| launch | before the picks | favoured by the compiles | runs by default |", "| --- | --- | --- | --- |"]
-    details, picks = [], {}
+    entries = []             # per launch: (candidate rows, the row before the picks, each row's launches)
     for label, plan, key, base, configs in table:
         rows = [(choice, facts([reports[launch, arch] for launch in ls for arch in ARCHS])) for choice, ls in configs]
-        before = next((i for i, (_, ls) in enumerate(configs) if ls == base), None)
+        entries.append((rows, next((i for i, (_, ls) in enumerate(configs) if ls == base), None),
+                        [ls for _, ls in configs]))
+    vetoed = ""
+    if veto_python:
+        version, ruled_out = veto(entries, veto_python, workers, cache)
+        vetoed = (f" Each favoured candidate compiled again with triton {version} (`--veto-python`): "
+                  f"{ruled_out} ruled out there.")
+
+    summary = ["| launch | before the picks | favoured by the compiles | runs by default |", "| --- | --- | --- | --- |"]
+    details, picks = [], {}
+    for (label, plan, key, base, configs), (rows, before, _) in zip(table, entries):
         best = favoured(rows, before)
         was = "not a candidate" if before is None else describe(configs[before][0])
         timed = tb.timed_choice(plan.kind, plan.max_len, plan.q, plan.flags.get("bias_grad", False))
@@ -223,7 +287,7 @@ def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[
                            f"{f['regs80']} | {f['why']} |")
     lines = [f"# Autotuning candidates compiled (compiler facts, not timings): {name}, d = {head_dim}, H = {H}",
              "", f"`python bench/tuning_report.py --dtype {name} --head-dim {head_dim}` at {commit}, triton "
-             f"{triton.__version__}, torch {torch.__version__}; {len(jobs)} compiles for sm_90 and sm_80.", "",
+             f"{triton.__version__}, torch {torch.__version__}; {len(jobs)} compiles for sm_90 and sm_80.{vetoed}", "",
              __doc__.split("\n\n")[3].replace("\n", " "), "",
              "`before the picks`: the candidate that launches exactly the kernels of `one_tile_blocks` / "
              "`blocks_for` (and the timed choices). `runs by default`: with `sba_kernels/triton_picks.py` "
@@ -260,7 +324,13 @@ def main(argv=None) -> int:
     p.add_argument("--write-picks", action="store_true", help=f"update {PICKS_FILE.relative_to(ROOT)}")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache", type=Path, help="a folder to keep compile reports in, for the next run")
+    p.add_argument("--veto-python", help="another Python whose Triton must compile each pick too (no spill, no "
+                                         "shared memory over the limit, no performance-loss line)")
+    p.add_argument("--compile-jobs", nargs=2, type=Path, help=argparse.SUPPRESS)     # `compile_with`'s other end
     args = p.parse_args(argv)
+    if args.compile_jobs:
+        _compile_jobs(*args.compile_jobs, args.workers, args.cache)
+        return 0
 
     commit = _git("rev-parse", "--short", "HEAD") or "an unknown commit"
     if _git("status", "--porcelain", "--", "sba_kernels", ":!sba_kernels/triton_picks.py"):
@@ -270,7 +340,7 @@ def main(argv=None) -> int:
 
     for name in args.dtype:
         for head_dim in args.head_dim:
-            lines, picks = report(name, head_dim, args.workers, commit, args.cache)
+            lines, picks = report(name, head_dim, args.workers, commit, args.cache, args.veto_python)
             path = args.out / f"{name}-d{head_dim}.md"
             path.write_text("\n".join(lines) + "\n")
             print(f"wrote {path}", flush=True)

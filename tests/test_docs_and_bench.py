@@ -274,6 +274,58 @@ def test_tuning_report_applies_the_written_rule(monkeypatch):
     assert pick(config(64, 2, 8, ok=False, error="x")) is None
 
 
+def test_tuning_report_veto_takes_the_next_favoured(monkeypatch):
+    """``--veto-python``: a favoured candidate another Triton cannot compile without a spill is
+    ruled out with that Triton's name and the rule favours again (here twice, for one launch),
+    until a pick compiles there; a launch whose pick compiles there keeps it."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import tuning_report
+    from sba_kernels.triton_aot import CompileReport
+
+    def good(rows):
+        return tuning_report.facts([CompileReport("attention_fwd", "", arch, True, {"BLOCK_M": rows},
+                                                  programs_per_sm=2, threads=128) for arch in (90, 80)])
+
+    # launch A: candidates of 128, 64 and 32 rows; launch B: 64 and 32. The other Triton spills
+    # on sm_80 for A's 128- and 64-row launches, and for nothing of B's.
+    entries = [([("a128", good(128)), ("a64", good(64)), ("a32", good(32))], None, [["A128"], ["A64"], ["A32"]]),
+               ([("b64", good(64)), ("b32", good(32))], None, [["B64"], ["B32"]])]
+    spilling = {"A128", "A64"}
+    rounds = []
+
+    def compile_with(python, jobs, workers, cache=None):
+        rounds.append(sorted({launch for launch, _ in jobs}))
+        return "3.6.0", {(launch, arch): CompileReport("attention_fwd", launch, arch, True, {"BLOCK_M": 64},
+                                                       spill_stores=32 if launch in spilling and arch == 80 else 0)
+                         for launch, arch in jobs}
+
+    monkeypatch.setattr(tuning_report, "compile_with", compile_with)
+    assert tuning_report.veto(entries, "python3.6", 1, None) == ("3.6.0", 2)
+    assert rounds == [["A128", "B64"], ["A64"], ["A32"]]
+    assert [tuning_report.favoured(rows, before) for rows, before, _ in entries] == [2, 0]
+    assert entries[0][0][0][1]["why"] == "triton 3.6.0: sm_80 spills 32 bytes (attention_fwd)"
+
+
+def test_tuning_report_compiles_with_another_python(tmp_path):
+    """`tuning_report.compile_with` runs the compile in a child Python from this checkout (here
+    this very Python) and brings its Triton's version and reports back."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    import triton
+
+    import tuning_report
+    from sba_kernels import triton_aot, triton_backend
+
+    index, lengths = torch.arange(8, dtype=torch.int32).view(1, 8), torch.tensor([8], dtype=torch.int32)
+    with triton_aot.recording() as recorded:
+        triton_backend.segment_mean_forward(torch.zeros(1, 8, 16), index, lengths)
+    (kernel, _grid, args, meta), = recorded
+    job = (triton_aot.Launch.recorded(kernel, args, meta), 90)
+    version, reports = tuning_report.compile_with(sys.executable, [job], 1, tmp_path / "cache")
+    assert version == triton.__version__ and reports[job].ok and reports[job].registers > 0, reports[job]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+
 def test_pooled_options_times_the_fused_and_the_separate_backward(monkeypatch):
     """bench/pooled_options.py's two choices reach the op: the fused backward runs no
     segment-mean backward, the separate pass one per step, and both give the same gradients."""
