@@ -3,8 +3,8 @@ inputs. At small N an eager call is bound by the host (Python, autograd, launche
 `bench/results/gpu-h200/README.md`), and a training loop takes the host out by capturing its
 step (`torch.cuda.graphs`); `bench/scaling.py --cuda-graph` times calls that way
 (`measure.cuda_graph_replay`). A capture fails on a host synchronisation or a copy from
-pageable memory inside an op; a replay must give the eager call's numbers, bit for bit (the
-same kernels on the same inputs, no atomics), and those must match the dense reference."""
+pageable memory inside an op; a replay must give the eager call's numbers (bit for bit where
+the same kernels run on the same inputs without atomics), and those the dense reference's."""
 
 from __future__ import annotations
 
@@ -72,7 +72,9 @@ def test_pooled_attention_with_a_bias_replays_the_eager_numbers(contiguous, dtyp
 
 def test_sba_layer_training_step_replays_the_eager_numbers():
     """The layer as a model holds it (projections, pooled intra attention with the graph bias,
-    inter attention): a captured step's output and parameter gradients equal an eager step's."""
+    inter attention): a captured step's output and parameter gradients are an eager step's. To
+    rounding, not bit for bit: the broadcast back to the nodes (`index_select`) has an
+    ``index_add`` backward, whose CUDA atomics sum in no fixed order."""
     torch.manual_seed(32)
     g = torch.Generator().manual_seed(32)
     part = random_partition(500, max_size=32, generator=g, contiguous=True).to("cuda")
@@ -102,4 +104,4 @@ def test_sba_layer_training_step_replays_the_eager_numbers():
     eager = [out["y"], x.grad, *(p.grad for p in params)]
     assert len(replayed) == len(eager) >= 4
     for i, (a, b) in enumerate(zip(replayed, eager)):
-        assert torch.equal(a, b), i
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"output or gradient {i}")
