@@ -369,7 +369,8 @@ def test_launch_arithmetic_matches_tritons(n):
 def test_committed_picks_are_what_the_committed_reports_favour(monkeypatch):
     """`sba_kernels/triton_picks.py` against `bench/results/static/tuning/`: for every (dtype,
     head dim) it names a report for, the report exists, every launch the report covers has a
-    pick, and the pick is a candidate of that launch and the one the report's table favours."""
+    pick, and the pick is a candidate of that launch and the one the report's table favours;
+    a launch where the report found none usable has no pick (its blocks run)."""
     from sba_kernels import triton_picks
 
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
@@ -393,6 +394,9 @@ def test_committed_picks_are_what_the_committed_reports_favour(monkeypatch):
         assert set(favoured) == {label for label, _, _ in launches}, source
         for label, plan, pick_key in launches:
             assert pick_key[3:5] == (dtype, precision), (source, label)
+            if favoured[label] == "none usable":
+                assert pick_key not in triton_picks.PICKS, (source, label)
+                continue
             assert pick_key in triton_picks.PICKS, (source, label)
             pick = triton_picks.PICKS[pick_key]
             assert pick in plan.candidates(), (source, label)
