@@ -35,7 +35,7 @@ CSRC = ROOT / "csrc"
 
 
 # ----------------------------------------------------------------------------- Triton
-# About 1140 compiles (570 configurations, each for sm_90 and sm_80), near 0.9 s of one core
+# About 1138 compiles (569 configurations, each for sm_90 and sm_80), near 0.9 s of one core
 # each: some 17 core-minutes, started in the background when the session's collection ends
 # (conftest.py), waited for by the first test that asks.
 COMPILE_ALL = pytest.mark.timeout(1800)
