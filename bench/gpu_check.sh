@@ -9,7 +9,8 @@
 #   PYTEST_ARGS="-n 8 --maxfail 30" bash bench/gpu_check.sh tests   (default: -x, one process)
 #
 # A device call is capped at 10 minutes, so nothing here may take the whole call with it:
-# * every stage runs under `timeout` (STAGE_S seconds, default 150; autotune AUTOTUNE_S, 270),
+# * every stage runs under `timeout` (STAGE_S seconds, default 150; autotune AUTOTUNE_S, 270;
+#   graph GRAPH_S, 240),
 #   and a stage that hits it is reported and the next stage runs;
 # * `build` compiles the cuda backend's extension (cached for the stages after it);
 # * `tests` runs only the GPU tests (`-m gpu`), stopping at the first failure, 120 s per test;
@@ -81,7 +82,7 @@ for s in $stages; do
                 --out "$OUT/profile.md" ;;
         graph)      # the same calls replayed from CUDA graphs: the kernels' time with the host out of the
                     # way (where `profile` finds the host slower than the kernels), triton against its peers
-            stage graph graph.log python3 bench/scaling.py --n 8600 100000 1000000 --cuda-graph \
+            STAGE_S=${GRAPH_S:-240} stage graph graph.log python3 bench/scaling.py --n 8600 100000 1000000 --cuda-graph \
                 --methods 'intra[triton]' flex_document sdpa_padded 'sba_layer[triton]' --out "$OUT/graph" ;;
         pooled)     # the pooled backward: z's gradient in the kernel (POOLED) against a pass before it
             stage pooled pooled.log python3 bench/pooled_options.py --n 100000 1000000 --out "$OUT/pooled_options.md" ;;

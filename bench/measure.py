@@ -69,7 +69,8 @@ def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
     What a small-N call costs when the host is out of the way (``scaling.py --cuda-graph``), and
     how a training loop gets there (`torch.cuda.graphs`). ``fn`` must be capturable: no host
     synchronisation, no copy from pageable host memory. Warmed up on a side stream first, as
-    PyTorch's CUDA-graph notes ask. Raises what the capture raises."""
+    PyTorch's CUDA-graph notes ask. A capture that fails raises a RuntimeError naming what
+    ``fn`` did wrong, not the capture's own "invalidated" error that follows it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -77,8 +78,14 @@ def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        # The outer stream context restores the caller's stream even when the capture's end
+        # raises (torch.cuda.graph's own exit then skips restoring it).
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            fn()
+    except Exception as err:
+        cause = err.__context__ if err.__context__ is not None else err
+        raise RuntimeError(f"CUDA graph capture failed: {type(cause).__name__}: {cause}") from err
     return graph.replay
 
 

@@ -115,6 +115,9 @@ def sdpa_padded(q, k, v, partition: Partition) -> Method:
     safe = index.clamp_min(0)
     key_mask = valid[:, None, None, :]                            # [P, 1, 1, M] broadcast over B*P, H
     nodes = index[valid]
+    # The real slots of the flattened [P * M] padded rows, found once: a boolean index at each
+    # call would wait on the host (nonzero), which a CUDA graph cannot capture (--cuda-graph).
+    real_slots = valid.flatten().nonzero().squeeze(1)
 
     def run(q, k, v):
         B, N, H, d = q.shape
@@ -125,7 +128,7 @@ def sdpa_padded(q, k, v, partition: Partition) -> Method:
 
         mask = key_mask.expand(B, -1, -1, -1, -1).reshape(B * P, 1, 1, M)
         o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
-        o = o.reshape(B, P, H, M, d).permute(0, 1, 3, 2, 4)[:, valid]      # [B, N_real, H, d]
+        o = o.reshape(B, P, H, M, d).permute(0, 1, 3, 2, 4).reshape(B, P * M, H, d).index_select(1, real_slots)
         return torch.zeros_like(q).index_copy(1, nodes, o)
 
     return run

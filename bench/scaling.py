@@ -93,13 +93,13 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
         row["status"] = _failure(err)
         return row
     for key, call in phases:
+        timed = None               # the captured graph (--cuda-graph), which holds a memory pool
         try:
             call()                 # warm-up, shared by both measurements
             row[f"{key}_peak_bytes"] = measure.peak_bytes(call, cfg.device)
             if cfg.device == "cuda":
                 timed = measure.cuda_graph_replay(call) if cfg.cuda_graph else call
                 row[f"{key}_ms"] = measure.median_ms(timed, cfg.device, budget_s)
-                del timed          # a captured graph holds its memory pool until dropped
             else:
                 row[f"{key}_ms"], row[f"{key}_cpu_ms"] = measure.cpu_medians_ms(call, budget_s)
             row[f"{key}_status"] = "ok"
@@ -107,6 +107,7 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
             row.pop(f"{key}_peak_bytes", None)
             row[f"{key}_status"] = _failure(err)
         finally:
+            timed = None           # dropped before empty_cache, so its pool is freed too
             if cfg.device == "cuda":
                 torch.cuda.empty_cache()
     row["status"] = row["fwd_status"]
@@ -381,7 +382,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", help="only these methods (names as in the output)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="GPU: time each call captured once in a CUDA graph and replayed (no host overhead); "
-                        "a method that cannot be captured is an error row")
+                        "a method that cannot be captured is an error row; default --out scaling-cuda-graph")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/scaling-<device>)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     p.add_argument("--max-call-s", type=float, default=None, help="stop a method after a call this slow")
@@ -424,7 +425,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.budget = args.budget or (0.2 if gpu else 0.3)
     args.max_call_s = args.max_call_s or (5.0 if gpu else 2.0)
-    args.out = args.out or Path(__file__).parent / "results" / f"scaling-{device}"
+    args.out = args.out or Path(__file__).parent / "results" / f"scaling-{device}{'-graph' if args.cuda_graph else ''}"
     return args
 
 

@@ -261,11 +261,12 @@ def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[
         rows = [(choice, facts([reports[launch, arch] for launch in ls for arch in ARCHS])) for choice, ls in configs]
         entries.append((rows, next((i for i, (_, ls) in enumerate(configs) if ls == base), None),
                         [ls for _, ls in configs]))
-    vetoed = ""
+    vetoed, command = "", f"python bench/tuning_report.py --dtype {name} --head-dim {head_dim}"
     if veto_python:
         version, ruled_out = veto(entries, veto_python, workers, cache)
+        command += f" --veto-python <a Python with triton {version or 'another version'}>"
         vetoed = (f" Each favoured candidate compiled again with triton {version} (`--veto-python`): "
-                  f"{ruled_out} ruled out there.")
+                  f"{ruled_out} ruled out there." if version else " No candidate was usable: nothing to veto.")
 
     summary = ["| launch | before the picks | favoured by the compiles | runs by default |", "| --- | --- | --- | --- |"]
     details, picks = [], {}
@@ -286,7 +287,7 @@ def report(name: str, head_dim: int, workers: int, commit: str, cache: Optional[
             details.append(f"| {describe(choice)}{mark} | {f['rows']} | {f['regs']} | {f['programs']} | {f['warps']} | "
                            f"{f['regs80']} | {f['why']} |")
     lines = [f"# Autotuning candidates compiled (compiler facts, not timings): {name}, d = {head_dim}, H = {H}",
-             "", f"`python bench/tuning_report.py --dtype {name} --head-dim {head_dim}` at {commit}, triton "
+             "", f"`{command}` at {commit}, triton "
              f"{triton.__version__}, torch {torch.__version__}; {len(jobs)} compiles for sm_90 and sm_80.{vetoed}", "",
              __doc__.split("\n\n")[3].replace("\n", " "), "",
              "`before the picks`: the candidate that launches exactly the kernels of `one_tile_blocks` / "

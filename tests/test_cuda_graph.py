@@ -104,4 +104,4 @@ def test_sba_layer_training_step_replays_the_eager_numbers():
     eager = [out["y"], x.grad, *(p.grad for p in params)]
     assert len(replayed) == len(eager) >= 4
     for i, (a, b) in enumerate(zip(replayed, eager)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"output or gradient {i}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"output or gradient {i}")

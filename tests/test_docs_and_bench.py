@@ -52,6 +52,28 @@ def test_scaling_script_writes_files_and_slopes_follow_the_math(tmp_path):
     assert slopes["sdpa_dense_mask"]["fwd_peak_bytes"] > 1.6      # the N x N mask and scores
 
 
+@pytest.mark.parametrize("name", ["sdpa_dense_mask", "sdpa_padded", "sdpa_nested"])
+def test_benchmark_peers_do_the_same_work(name):
+    """The block-diagonal peers `scaling.py` times against SBA compute its intra attention:
+    outputs and gradients of q, k, v equal the dense masked reference's (float64, a ragged
+    partition of a random node order)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+
+    import methods
+    from helpers import dense_masked_attention, random_partition
+
+    g = torch.Generator().manual_seed(41)
+    part = random_partition(120, max_size=11, generator=g)
+    q, k, v = (torch.randn(2, 120, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = methods.registry("cpu")[name](q, k, v, part)(q, k, v)
+    expected = dense_masked_attention(q, k, v, part)
+    grad = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for ours, ref in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_scaling_cuda_graph_needs_a_gpu(capsys):
     """``--cuda-graph`` times replays of captured CUDA graphs (`measure.cuda_graph_replay`; run on
     a GPU by `tests/test_cuda_graph.py` and gpu_check's ``graph`` stage): asked for on the CPU it is
