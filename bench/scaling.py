@@ -93,7 +93,6 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
         row["status"] = _failure(err)
         return row
     for key, call in phases:
-        timed = None               # the captured graph (--cuda-graph), which holds a memory pool
         try:
             call()                 # warm-up, shared by both measurements
             row[f"{key}_peak_bytes"] = measure.peak_bytes(call, cfg.device)
@@ -107,7 +106,7 @@ def run_point(name: str, num_nodes: int, cfg: Config, partition: Partition, budg
             row.pop(f"{key}_peak_bytes", None)
             row[f"{key}_status"] = _failure(err)
         finally:
-            timed = None           # dropped before empty_cache, so its pool is freed too
+            timed = None           # a captured graph (--cuda-graph) holds a memory pool: drop it before empty_cache
             if cfg.device == "cuda":
                 torch.cuda.empty_cache()
     row["status"] = row["fwd_status"]

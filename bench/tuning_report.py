@@ -137,9 +137,8 @@ def compile_with(python: str, jobs: list, workers: int, cache: Optional[Path] = 
         given, got = Path(tmp) / "jobs.pkl", Path(tmp) / "reports.pkl"
         given.write_bytes(pickle.dumps(jobs))
         cmd = [python, __file__, "--compile-jobs", str(given), str(got), "--workers", str(workers)]
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # compiling needs real kernels
         subprocess.run(cmd + (["--cache", str(cache)] if cache is not None else []), check=True,
-                       env=dict(env, PYTHONPATH=str(ROOT)))
+                       env=triton_aot.compiler_env())
         version, reports = pickle.loads(got.read_bytes())
     return version, dict(zip(jobs, reports))
 

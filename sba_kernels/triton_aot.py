@@ -353,16 +353,24 @@ def _run_shard(archs: list[int], shard: int, shards: int, out: Path) -> None:
             f.flush()
 
 
+def compiler_env() -> dict[str, str]:
+    """The environment of a child process that compiles for a GPU: no ``TRITON_INTERPRET``
+    (compiling needs real ``@triton.jit`` kernels), FMA contraction on as Triton's default says,
+    and this checkout first on ``PYTHONPATH``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # the default, said out loud (triton 3.9 warns)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 class CompileRun:
     """Every launch configuration being compiled for every arch in ``archs``, over ``workers``
     processes started at construction; `reports` waits for them. ``nice``: the workers' added
     niceness, so that a run started early (the test session does) takes only idle cores."""
 
     def __init__(self, archs=(90, 80), workers: int = 2, nice: int = 0):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # the default, said out loud (triton 3.9 warns)
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env = compiler_env()
         self._tmp = Path(tempfile.mkdtemp(prefix="sba-aot-"))
         self._procs = []
         self._reports: Optional[list[CompileReport]] = None

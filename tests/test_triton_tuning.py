@@ -9,7 +9,6 @@ reference. The compile check itself is tested for real, compiling for sm_90 ahea
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 import sba_kernels as sk
-from sba_kernels import triton_backend, triton_tiles, triton_tuning
+from sba_kernels import triton_aot, triton_backend, triton_tiles, triton_tuning
 from helpers import dense_masked_attention, random_partition, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,9 +435,7 @@ print(config_at(64) == config_at(6400) == config_at(65), config_at(64) == config
 
 @pytest.mark.slow
 def test_compile_check_prunes_a_spill_for_sm_90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=triton_aot.compiler_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     with_grad, without, configs = out.stdout.strip().splitlines()
     assert with_grad.startswith("True attention_bwd_one_tile spills"), with_grad
