@@ -87,6 +87,23 @@ def test_scaling_cuda_graph_needs_a_gpu(capsys):
     assert parse_args(["--device", "cpu", "--n", "512"]).cuda_graph is False
 
 
+def test_gpu_check_starts_no_stage_past_its_deadline(tmp_path):
+    """A lease is one ~9.5-minute call: `gpu_check.sh` must not start a stage that cannot finish
+    before DEADLINE_S (the device tool would kill the call and its logs with it). Here every
+    ``python3`` is a stand-in that takes 2 s: device.txt at 0-2 s, the first stage at 2 s with
+    48 - 2 - 15 = 31 s left (runs), the second at 4 s with 29 s left (not started)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\nsleep 2\n")
+    (bin_dir / "python3").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "DEADLINE_S": "48", "HOME": str(tmp_path)}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "build", "profile"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert "[build] exit 0" in run.stdout
+    assert re.search(r"\[profile\] not started: 4[0-4] s left of DEADLINE_S=48", run.stdout), run.stdout
+    assert run.returncode == 1
+
+
 def test_seed_summary_means_and_spreads(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     from seed_summary import main
