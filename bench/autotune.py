@@ -30,12 +30,19 @@ from workload import GPU_LAUNCH_BENCH, Config, build_runs_layout, intra_passes, 
 from sba_kernels import triton_tuning  # noqa: E402
 
 
-def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple[list[str], list[str]]:
-    """Table rows ``| N | M | bias | pass | default ms | tuned ms | default / tuned |``, and
-    what each key tuned at this point tried (`describe_trials`)."""
+def median_ms(fn) -> float:
+    """``triton.testing.do_bench``'s median milliseconds per call of ``fn`` (L2 flushed between)."""
     from triton.testing import do_bench
 
-    partition = build_runs_layout(n, subgraph_size)[0].to("cuda")
+    return do_bench(fn, return_mode="median")
+
+
+def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config,
+               bench=median_ms) -> tuple[list[str], list[str]]:
+    """Table rows ``| N | M | bias | pass | default ms | tuned ms | default / tuned |``, and
+    what each key tuned at this point tried (`describe_trials`). ``bench(fn) -> ms`` times a pass."""
+    partition = build_runs_layout(n, subgraph_size)[0].to(cfg.device)
+    M = partition.max_size
     q, k, v = make_inputs(n, cfg, requires_grad=True)
     bias = make_bias(partition, cfg, bias_kind, requires_grad=True)
     passes = intra_passes(q, k, v, partition, bias, torch.randn_like(q))
@@ -43,10 +50,10 @@ def time_point(n: int, subgraph_size: int, bias_kind: str, cfg: Config) -> tuple
     rows = []
     for name, fn in passes.items():
         with triton_tuning.autotuning(False):
-            default = do_bench(fn, return_mode="median")
+            default = bench(fn)
         with triton_tuning.autotuning(True):
             fn()                                   # tunes this pass's keys
-            tuned = do_bench(fn, return_mode="median")
+            tuned = bench(fn)
         rows.append(f"| {n:,} | {M} | {bias_kind} | {name} | {default:.3f} | {tuned:.3f} | {default / tuned:.2f} |")
     return rows, describe_trials(f"N = {n:,}, M = {M}, bias {bias_kind}")
 

@@ -394,3 +394,27 @@ def test_pooled_options_times_the_fused_and_the_separate_backward(monkeypatch):
     assert fused_means == 0 and separate_means == 1
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_autotune_times_each_pass_with_defaults_then_tuned():
+    """bench/autotune.py's point (a GPU stage; its workload and table run here on the CPU, where
+    tuning keeps the defaults): each pass timed once with autotuning off, then once on, in the
+    table's columns."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from autotune import time_point
+    from sba_kernels import triton_tuning
+    from workload import Config
+
+    timed = []
+
+    def bench(fn):
+        fn()
+        timed.append(triton_tuning.ENABLED)
+        return 2.0 if triton_tuning.ENABLED else 3.0
+
+    cfg = Config(batch=1, heads=2, head_dim=16, subgraph_size=16, dtype="fp32", device="cpu", backward=True)
+    rows, trials = time_point(100, 16, "shared", cfg, bench)
+    assert timed == [False, True, False, True]
+    assert rows == ["| 100 | 16 | shared | forward | 3.000 | 2.000 | 1.50 |",
+                    "| 100 | 16 | shared | forward+backward | 3.000 | 2.000 | 1.50 |"]
+    assert trials == []                   # nothing is tuned off a GPU
