@@ -203,11 +203,16 @@ class KernelBackend(Backend):
 
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     max_head_dim = 128
+    # The launch grids' second axis holds one program per (batch, head) pair of the attention
+    # launches and per batch row of segment_mean's; CUDA allows at most 65535 there.
+    max_grid_y = 65535
 
     def __init__(self, launches):
         self.launches = launches
 
     def supports(self, x, bias=None):
+        """Why this backend cannot run ``x`` (``[B, N, H, d]``, or ``[B, N, C]`` for
+        segment_mean) with ``bias``, or None when it can."""
         kinds = ", ".join(str(t).removeprefix("torch.") for t in self.dtypes)
         if x.dtype not in self.dtypes:
             return f"{self.name} takes {kinds} inputs, got {x.dtype}"
@@ -215,6 +220,11 @@ class KernelBackend(Backend):
             return f"{self.name} takes a {kinds} bias, got {bias.dtype}"
         if x.dim() == 4 and x.shape[-1] > self.max_head_dim:
             return f"{self.name} takes head dims up to {self.max_head_dim}, got {x.shape[-1]}"
+        pairs = x.shape[0] * (x.shape[2] if x.dim() == 4 else 1)
+        if pairs > self.max_grid_y:
+            what = "batch x heads" if x.dim() == 4 else "the batch"
+            return (f"{self.name}'s launch grid holds {what} = {pairs} on an axis CUDA caps at "
+                    f"{self.max_grid_y}: split the batch")
         return self.unavailable(x.device)
 
     def _attention(self, q, k, v, index, lengths, starts, assignment, bias, scale, pool: bool):

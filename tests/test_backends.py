@@ -52,3 +52,25 @@ def test_register_places_a_backend_in_the_order_and_checks_its_arguments():
         backends.register("auto", "sba_kernels.reference")
     with pytest.raises(ValueError, match="before must name"):
         backends.register("x", "sba_kernels.reference", before="nope")
+
+
+def test_kernel_backends_refuse_more_batch_x_head_pairs_than_a_cuda_grid_axis_holds():
+    """The attention launches put (batch, head) pairs, and segment_mean batch rows, on the grid's
+    second axis, which CUDA caps at 65535: past it the launch itself would fail. Views with a zero
+    batch stride stand for the big batch (nothing is allocated or run)."""
+    from sba_kernels.custom_ops import KernelBackend
+
+    part = sk.Partition.from_assignment(torch.tensor([0, 0, 1, 1, 1]))
+    fits, over = (torch.zeros(1, 5, 2, 16).expand(b, 5, 2, 16) for b in (32767, 32768))
+    rows_over = torch.zeros(1, 5, 32).expand(65536, 5, 32)           # segment_mean's [B, N, C]
+    for name in ("triton", "cuda"):
+        backend = backends.get(name)
+        assert isinstance(backend, KernelBackend)
+        assert "65535" not in str(backend.supports(fits))
+        assert "batch x heads = 65536 on an axis CUDA caps at 65535" in backend.supports(over)
+        assert "the batch = 65536" in backend.supports(rows_over)
+        assert backend.supports(rows_over[:65535]) is None or "65535" not in backend.supports(rows_over[:65535])
+    with pytest.raises(ValueError, match="backend='triton' cannot run this input: .*split the batch"):
+        sk.intra_attention(over, over, over, part, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' cannot run this input: .*split the batch"):
+        sk.segment_mean(rows_over, part, backend="triton")
