@@ -329,6 +329,27 @@ def test_model_partitions_levels_nested_and_contiguous():
     assert small_levels == [[]] and small[0].num_parts == 20
 
 
+def test_model_partitions_groups_a_level_that_max_size_pushed_past_the_threshold():
+    """One level asked at the threshold (4 of a 20-node star) comes out with 5 subgraphs when
+    capped at 5 nodes (METIS leaves one over the cap, cut again): its tokens still get a group
+    level, ending at or below the threshold (an IndexError before)."""
+    n = 20
+    star = sp.coo_matrix((np.ones(n - 1), (np.zeros(n - 1, int), np.arange(1, n))), shape=(n, n))
+    star = star + star.T
+    for group_size in (64, 2):
+        parts, levels, perm = model_partitions(star, [4], threshold=4, group_size=group_size, max_size=5)
+        assert parts[0].num_parts == 5 and int(parts[0].lengths.max()) <= 5
+        assert sorted(perm.tolist()) == list(range(n))
+        (chain,) = levels
+        assert len(chain) >= 1 and chain[-1].num_parts <= 4
+        tokens = 5
+        for level in chain:
+            _check_token_level(level, tokens)
+            for members in level.parts():
+                assert members == list(range(members[0], members[0] + len(members)))
+            tokens = level.num_parts
+
+
 def test_nested_levels_rejects_partitions_that_do_not_nest():
     fine = Partition.from_assignment(torch.tensor([0, 0, 1, 1, 2, 2]))
     coarse = Partition.from_assignment(torch.tensor([0, 0, 0, 1, 1, 1]))          # splits fine part 1

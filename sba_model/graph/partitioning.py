@@ -389,8 +389,9 @@ def model_partitions(adjacency, parts: Sequence[int], *, threshold: int = INTER_
     """Everything a multiscale model needs from its graph: one node partition per layer, the
     inter-attention levels of each layer, and the node order.
 
-    The node levels ``parts`` are extended with coarser ones (`hierarchy_parts` of the last)
-    and all are computed by `multiscale_partitions`, so they nest. Layer ``l`` with more than
+    The node levels ``parts`` are extended with coarser ones (`hierarchy_parts` of the last,
+    or of the count it came out with where ``max_size`` pushed it past ``threshold``) and all
+    are computed by `multiscale_partitions`, so they nest. Layer ``l`` with more than
     ``threshold`` subgraphs groups its tokens by the next levels of that chain until one has at
     most ``threshold``: every group is then a contiguous run of token ids, and every node level
     a contiguous run of node ids. ``max_size`` caps the finest level's subgraphs, as in
@@ -405,6 +406,14 @@ def model_partitions(adjacency, parts: Sequence[int], *, threshold: int = INTER_
     parts = list(parts)
     extra = hierarchy_parts(parts[-1], threshold, group_size) if parts else []
     chain, perm = multiscale_partitions(adjacency, parts + extra, max_size=max_size, seed=seed)
+    last = chain[len(parts) - 1].num_parts
+    if not extra and last > threshold:
+        # A single level at or below the threshold as asked, past it as made: ``max_size`` cut a
+        # few subgraphs again. Group the count it has (levels come finest first, so level 0 is the
+        # same again); levels must shrink, so group counts not under the one asked for drop out.
+        extra = [c for c in hierarchy_parts(last, threshold, group_size) if c < parts[-1]]
+        chain, perm = multiscale_partitions(adjacency, parts + (extra or [min(threshold, parts[-1] - 1)]),
+                                            max_size=max_size, seed=seed)
     inter_levels = []
     for layer in range(len(parts)):
         top = layer
