@@ -26,10 +26,11 @@ Inter attention is intra attention over one subgraph holding all P tokens.
 
 Eager calls skip torch.library's dispatch: `KernelBackend` sends plain tensors outside
 torch.compile (`_eager`) through `_EagerAttention` / `_EagerSegmentMean`, autograd Functions
-over the same bodies, context setup and backward as the ops. The dispatch cost 0.5 ms of host time per
-forward+backward (measured on a CPU with the launches stubbed), more than the kernels take at
-N = 1e5 on an H200 (`bench/results/gpu-h200/run3/profile.md`). Traced code, fake tensors and
-tensor subclasses still take the ops.
+over the same bodies, context setup and backward as the ops. The dispatch adds about 0.15 ms of
+host code to a forward+backward (349 against 204 us on a 2-core CPU, launches stubbed:
+`bench/results/host_time_cpu.md`), where the kernels take 0.35 ms at N = 1e5 on an H200
+(`bench/results/gpu-h200/run5/profile.md`). Traced code, fake tensors and tensor subclasses
+still take the ops.
 """
 
 from __future__ import annotations
@@ -49,9 +50,15 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# Tensor types the eager path takes as they are (Parameter disables __torch_function__); any
+# other subclass (DTensor, one with its own __torch_dispatch__) goes through the custom ops.
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _eager(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call may skip the custom ops: eager mode and plain tensors only."""
-    return not torch.compiler.is_compiling() and all(t is None or type(t) is Tensor for t in tensors)
+    """Whether a call may skip the custom ops: eager mode and plain tensors (a learned bias is an
+    ``nn.Parameter``) only."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def _eager_function(name: str, body, setup_context, backward) -> type:

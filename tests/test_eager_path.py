@@ -15,15 +15,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.gpu     # on a GPU, gpu_check.sh runs these on the device
 
 
-def _forward_backward(per_head_bias: bool):
-    """Pooled intra attention with a bias, segment mean and inter attention, backward through all:
-    (outputs, gradients of q, k, v and the bias)."""
+def _forward_backward(per_head_bias: bool, bias_parameter: bool = False):
+    """Pooled intra attention with a bias (an ``nn.Parameter`` with ``bias_parameter``), segment
+    mean and inter attention, backward through all: (outputs, gradients of q, k, v and the bias)."""
     g = torch.Generator().manual_seed(21)
     part = random_partition(37, max_size=7, generator=g).to(DEVICE)
     q, k, v = (torch.randn(2, 37, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     shape = (2, part.num_parts, part.max_size, part.max_size) if per_head_bias else \
         (part.num_parts, part.max_size, part.max_size)
-    bias = torch.randn(shape, generator=g).to(DEVICE).requires_grad_()
+    bias = torch.randn(shape, generator=g).to(DEVICE)
+    bias = torch.nn.Parameter(bias) if bias_parameter else bias.requires_grad_()
     o, z = sk.intra_attention_pooled(q, k, v, part, bias=bias, backend="triton")
     m = sk.segment_mean(q.flatten(2), part, backend="triton")
     y = sk.inter_attention(z, z, z, backend="triton")
@@ -32,19 +33,19 @@ def _forward_backward(per_head_bias: bool):
     return (o, z, m, y), grads
 
 
-@pytest.mark.parametrize("per_head_bias", [False, True])
-def test_eager_path_matches_the_custom_ops(monkeypatch, per_head_bias):
+@pytest.mark.parametrize("per_head_bias, bias_parameter", [(False, False), (True, False), (False, True)])
+def test_eager_path_matches_the_custom_ops(monkeypatch, per_head_bias, bias_parameter):
     if sk.backends.get("triton").unavailable(torch.device(DEVICE)):
         pytest.skip("triton backend unavailable here")
     ops_called = []
     for name in ("attention_fwd", "attention_bwd", "segment_mean_fwd", "segment_mean_bwd"):
         op = getattr(custom_ops, name)
         monkeypatch.setattr(custom_ops, name, lambda *a, _op=op, _n=name: ops_called.append(_n) or _op(*a))
-    eager_out, eager_grads = _forward_backward(per_head_bias)
+    eager_out, eager_grads = _forward_backward(per_head_bias, bias_parameter)
     assert ops_called == []                                   # eager: no custom op dispatch
 
     monkeypatch.setattr(custom_ops, "_eager", lambda *tensors: False)
-    op_out, op_grads = _forward_backward(per_head_bias)
+    op_out, op_grads = _forward_backward(per_head_bias, bias_parameter)
     assert {"attention_fwd", "attention_bwd", "segment_mean_fwd", "segment_mean_bwd"} <= set(ops_called)
     for a, b in zip(eager_out + eager_grads, op_out + op_grads):
         assert torch.equal(a, b)
