@@ -57,14 +57,6 @@ class Launch:
     read: Counter = field(default_factory=Counter)        # argument name -> bytes
     written: Counter = field(default_factory=Counter)
 
-    @property
-    def bytes_read(self) -> int:
-        return sum(self.read.values())
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(self.written.values())
-
     def __add__(self, other: "Launch") -> "Launch":
         return Launch(self.kernel, self.programs + other.programs, self.read + other.read,
                       self.written + other.written)

@@ -3,7 +3,7 @@
     pytest bench/ --benchmark-only
 
 Kept out of the default test run (pyproject's testpaths is tests/). On the CPU only the torch
-backend is timed (the Triton interpreter is a correctness tool, not a timing target).
+and sdpa backends are timed (the Triton interpreter is a correctness tool, not a timing target).
 """
 
 import sys

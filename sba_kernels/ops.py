@@ -2,8 +2,9 @@
 
 Each op checks its arguments, asks `backends.choose` which backend runs them (``"auto"``: the
 first in the registry's order that supports the input; see `sba_kernels.backends`), and calls
-that backend's method of the same name: `reference.TorchBackend`, `triton_backend.TritonBackend`
-or `cuda_backend.CudaBackend`, the last two through the ``sba::`` custom ops of `custom_ops`.
+that backend's method of the same name: `reference.TorchBackend`, `sdpa_backend.SdpaBackend`,
+`triton_backend.TritonBackend` or `cuda_backend.CudaBackend`, the last two through the ``sba::``
+custom ops of `custom_ops`.
 
 Shapes follow the flash-attn convention: node tensors are ``[B, N, H, d]`` (batch, node, head,
 head dim) so a Linear projection reshapes into them without a transpose.

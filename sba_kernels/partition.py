@@ -157,7 +157,7 @@ class Partition:
         return self._cache["assignment"]
 
     def cached(self, key, build):
-        """Per-partition memo for derived tensors (tile lists, size buckets): built once, reused."""
+        """Per-partition memo for derived tensors (the reference's size buckets, the sdpa backend's layout and masks): built once, reused."""
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]

@@ -8,7 +8,7 @@ This module closes that gap without a GPU:
    accepts (dtype and fp32 dot precision, head dim, tile size, bias none / shared / per head,
    pooled or not, forward and backward, segment mean) with `triton_backend.LAUNCH_RECORDER`
    set, so nothing runs and every launch is captured as the backend makes it. A kernel added
-   later is found the same way; `KERNELS` lists the module's kernels so a test can tell when
+   later is found the same way; `kernels()` lists the module's kernels so a test can tell when
    one is never launched.
 2. `compile_launch` specialises the captured arguments as Triton's launcher would (pointer
    alignment, integer divisibility) for a ``GPUTarget``, compiles to a cubin, and reads what

@@ -32,7 +32,7 @@ from . import triton_picks, triton_tuning
 from .triton_tiles import ceil_div, dot_precision, tile_side
 from .custom_ops import KernelBackend
 
-LOG2E = 1.4426950408889634
+LOG2E = kern.LOG2E.value        # scores go to exp2 scaled by scale * log2(e): the launches pass that
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")     # read once, as Triton does
 
 # Tests set this to True: outputs start as NaN, so an element no program writes shows up.
@@ -86,8 +86,8 @@ def blocks_for(max_len: int, head_dim: int, dtype: torch.dtype, *, backward: boo
       (16 for fp32 at head dim 128);
     * the forward takes 64-row tiles at head dim <= 64 with 8 warps (4 warps spill on sm_80),
       32 at head dim 128 and in fp32;
-    * fp32 runs 8 warps and one pipeline stage everywhere (but the dQ kernel, see
-      `_backward_tiled`).
+    * fp32 runs 8 warps and one pipeline stage everywhere (but the dQ and bias-gradient kernels,
+      see `_backward_tiled`).
     """
     d, fit = tile_side(head_dim), tile_side(max_len)
     if dtype == torch.float32 and dot_precision(dtype) == "tf32x3":
@@ -247,8 +247,8 @@ def timed_choice(kind: str, max_len: int, q: torch.Tensor, bias_grad: bool) -> O
     """At the shape the H200 timed (`TIMED_SHAPE`): `BIAS_LOOP_FORWARD_OPTIONS` for the bias
     loop, `BIAS_GRAD_OPTIONS_64_ROWS` for the one-tile backward summing a bias gradient; None
     for every other launch and shape."""
-    timed = TIMED_SHAPE
-    if q.dtype not in timed["dtypes"] or (q.shape[3], tile_side(max_len)) != (timed["head_dim"], timed["rows"]):
+    if (q.dtype not in TIMED_SHAPE["dtypes"]
+            or (q.shape[3], tile_side(max_len)) != (TIMED_SHAPE["head_dim"], TIMED_SHAPE["rows"])):
         return None
     if kind == triton_tuning.FORWARD_BIAS_LOOP:
         return BIAS_LOOP_FORWARD_OPTIONS

@@ -1,7 +1,6 @@
 """Data format, windows, splits, metrics, models of the harness, and resumable training."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sba_kernels import triton_aot, triton_backend
+from sba_kernels import triton_aot
 from sba_kernels import triton_kernels as kern
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import torch
 import sba_kernels as sk
 from sba_kernels import backends, sdpa_backend
 from helpers import (compare_forward_backward, dense_attention, dense_masked_attention, loop_segment_mean,
-                     random_partition, rel_err)
+                     random_partition)
 
 F64 = torch.float64
 MODES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]

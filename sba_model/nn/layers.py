@@ -206,7 +206,7 @@ class InterAttention(_HoldsPartition):
         groups = self.levels[level]
         local = sk.intra_attention(q, k, v, groups, backend=self.backend)
         far = self._attend(sk.segment_mean(qkv, groups, backend=self.backend), level + 1)
-        return local + far[:, groups.assignment]
+        return far.index_select(1, groups.assignment).add_(local)     # as in SBAttention.forward
 
 
 def _resolve_levels(partition: Partition, levels: Optional[Sequence[Partition]], threshold: int,
@@ -260,7 +260,7 @@ class SBAttention(_HoldsPartition):
         embed_dim: D. num_heads: H (D divisible by H).
         partition: a `Partition` of the N nodes (e.g. from `sba_model.partition_graph`).
         dropout: dropout on the layer's output.
-        backend: kernel backend for the ops (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
+        backend: kernel backend for the ops (``"auto"``, ``"torch"``, ``"sdpa"``, ``"triton"``, ``"cuda"``).
         adjacency: optional graph; adds the learnable graph bias to intra attention, and groups
             the pooled tokens when ``P > inter_threshold`` and ``inter_levels`` is not given.
         inter_threshold: the most pooled tokens attended densely.
@@ -302,7 +302,7 @@ class SBABlock(_HoldsPartition):
 
         h = x + IntraAttn(LN(x))
         h = h + MLP(LN(h))
-        z = masked_mean(h)                          # [B, P, D]
+        z = segment_mean(h)                         # [B, P, D]: each subgraph's mean over its nodes
         z = z + InterAttn(LN(z));  z = z + MLP(LN(z))
         out = h + ReLU(W_node h + W_sub z[assignment])
 

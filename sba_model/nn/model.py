@@ -136,7 +136,7 @@ class SBATransformer(nn.Module):
         ``max_size`` caps the first layer's subgraphs (`model_partitions`). METIS alone leaves
         about half of them one or two nodes over the ``N / parts[0]`` it aims at; with
         ``parts[0] = ceil(N / 64)`` and ``max_size=64`` every subgraph fits one tile of the
-        triton kernels (16-bit, head dim <= 64), whose one-tile forward and fused backward are
+        triton kernels (16-bit at head dim 16, 32 or 64: `triton_backend.ONE_TILE_CAP`), whose one-tile forward and fused backward are
         the fast path on a GPU (`bench/results/static/tiles.md`).
 
         ``adjacency`` is converted and checked once, here (`sba_model.to_csr`); every step
