@@ -81,7 +81,9 @@ def _eager_function(name: str, body, setup_context, backward) -> type:
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor, starts: Optional[Tensor],
                    assignment: Tensor, bias: Optional[Tensor], scale: float, pool: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, lse, z) of subgraph attention, z the subgraph means of o when ``pool`` (else empty)."""
+    """(o, lse, z) of subgraph attention, z the subgraph means of o when ``pool`` (else empty).
+    ``assignment`` is not read here: the op takes it so that its context can keep it for the
+    backward, which spreads z's gradient over the nodes through it."""
     return backends.get(backend).launches.attention_forward(q, k, v, index, lengths, bias, scale, pool,
                                                             starts=starts)
 

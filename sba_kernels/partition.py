@@ -3,7 +3,8 @@
 A partition of N nodes into P disjoint subgraphs is held as
 
 * ``index``   int32 ``[P, M]``: node ids of subgraph ``p`` in ``index[p, :lengths[p]]``,
-  ``-1`` in the padding slots after them (``M`` = the largest subgraph);
+  ``-1`` in the padding slots after them (``M`` >= the largest subgraph; `from_assignment`
+  makes it exactly that, and the kernels' tiles follow ``M``);
 * ``lengths`` int32 ``[P]``: ``n_p >= 1`` real nodes per subgraph.
 
 Every node ``0..N-1`` appears exactly once. The constructor checks all of this, so a kernel
@@ -138,7 +139,8 @@ class Partition:
 
     @property
     def max_size(self) -> int:
-        """M, the largest subgraph's size (the padded width of ``index``)."""
+        """M, the padded width of ``index``: the largest subgraph's size where the partition
+        came from `from_assignment`, at least that where ``index`` was given padded wider."""
         return self.index.shape[1]
 
     @property
