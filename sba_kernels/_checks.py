@@ -14,6 +14,17 @@ import torch
 from .partition import Partition
 
 
+def refuse_double_backward(backend: str) -> None:
+    """Called first in an attention backward, which is not itself differentiable. Run with grad
+    mode on (a backward under ``create_graph=True``), its gradients would carry no graph and
+    autograd would drop every second-order term through them without a word: refuse instead.
+    (torch.compile traces backwards its own way and refuses double backward itself.)"""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise NotImplementedError(
+            f"the {backend} backend's attention has no double backward (a backward with create_graph=True "
+            f"went through it, as gradient penalties and meta-learning do); backend='torch' differentiates twice")
+
+
 def check_float_tensor(x, name: str, rank: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from ._checks import refuse_double_backward
 from .backends import Backend
 
 Tensor = torch.Tensor
@@ -135,6 +136,7 @@ def _fuses_pooled_gradient(backend: str, max_len: int, q: Tensor, need_dbias: bo
 
 
 def _attention_backward(ctx, do, _dlse, dz):
+    refuse_double_backward(ctx.backend)
     q, k, v, o, lse, index, lengths, starts, assignment, bias = ctx.saved_tensors
     eager = _eager(do, q, dz)
     dz = dz if ctx.pool else None
@@ -194,6 +196,8 @@ def _mean_setup(ctx, inputs, output):
 
 def _mean_backward(ctx, dz):
     assignment, lengths = ctx.saved_tensors
+    if torch.is_grad_enabled() and dz.requires_grad:     # create_graph=True: dx must keep dz's graph
+        return (dz / lengths.unsqueeze(-1)).index_select(1, assignment), None, None, None, None, None
     mean_bwd = _segment_mean_bwd if _eager(dz) else segment_mean_bwd
     return mean_bwd(_rows(dz), assignment, lengths, ctx.backend), None, None, None, None, None
 

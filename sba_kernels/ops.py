@@ -13,6 +13,11 @@ Precision contract (every backend): q, k, v and the outputs in the input dtype; 
 and accumulation in fp32 (float64 inputs, which only the torch reference takes, stay float64);
 the bias is read in its own dtype (an fp16/bf16 bias is exact in fp32) and joins the fp32
 scores; its gradient is accumulated in fp32 and returned in the bias's dtype.
+
+Gradients: every backend differentiates once. Second order (a backward with
+``create_graph=True`` through the attention: gradient penalties, meta-learning) only on the
+torch backend; the fused backwards of sdpa, triton and cuda raise NotImplementedError there.
+segment_mean, being linear, differentiates twice on every backend.
 """
 
 from __future__ import annotations

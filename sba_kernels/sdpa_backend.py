@@ -33,8 +33,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from ._checks import refuse_double_backward
 from .backends import Backend
 from .partition import Partition
 from .reference import segment_mean  # one index_add pass over x, its backward one gather: nothing to gain here
@@ -239,8 +239,8 @@ class _SubgraphAttention(torch.autograd.Function):
         return o if z is None else (o, z)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do, dz=None):
+        refuse_double_backward("sdpa")
         qp, kp, vp, op, lse, mask, weights = ctx.saved_tensors
         lay, B = ctx.lay, ctx.batch
         do_p = _bhmd(_slot_rows_gradient(do, dz, weights, lay, op, B), lay)

@@ -74,3 +74,51 @@ def test_kernel_backends_refuse_more_batch_x_head_pairs_than_a_cuda_grid_axis_ho
         sk.intra_attention(over, over, over, part, backend="triton")
     with pytest.raises(ValueError, match="backend='triton' cannot run this input: .*split the batch"):
         sk.segment_mean(rows_over, part, backend="triton")
+
+
+
+PART6 = sk.Partition.from_assignment(torch.tensor([0, 0, 0, 1, 1, 2]))
+
+
+def _penalty_gradient(attend, dtype=torch.float32):
+    """d/dq of ||d loss / dq||^2, loss = <attend(q, k, v), w> + 0.01 ||q||^2: a gradient
+    penalty, which needs the attention's backward to be differentiable."""
+    g = torch.Generator().manual_seed(5)
+    q0, k, v, w = (torch.randn(1, 6, 1, 16, generator=g, dtype=dtype) for _ in range(4))
+    q = q0.clone().requires_grad_()
+    loss = (attend(q, k, v) * w).sum() + 0.01 * (q ** 2).sum()
+    gq, = torch.autograd.grad(loss, q, create_graph=True)
+    return torch.autograd.grad(gq.pow(2).sum(), q)[0]
+
+
+def test_double_backward_is_exact_on_torch_and_refused_by_name_elsewhere():
+    """Second-order gradients: the torch backend's pass gradgradcheck and equal those through a
+    dense float64 masked softmax (`helpers`); the fused backwards are not differentiable and say
+    so, rather than hand back gradients missing their second-order terms (relative error 0.998
+    before they refused)."""
+    from helpers import dense_masked_attention
+
+    inputs = [torch.randn(1, 6, 1, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradgradcheck(lambda q, k, v: sk.intra_attention(q, k, v, PART6, backend="torch"), inputs)
+    torch.testing.assert_close(
+        _penalty_gradient(lambda q, k, v: sk.intra_attention(q, k, v, PART6, backend="torch"), torch.float64),
+        _penalty_gradient(lambda q, k, v: dense_masked_attention(q, k, v, PART6), torch.float64))
+    for name in [n for n in ("sdpa", "triton") if backends.get(n).unavailable(torch.device("cpu")) is None]:
+        with pytest.raises(NotImplementedError, match=f"the {name} backend's attention has no double backward"):
+            _penalty_gradient(lambda q, k, v: sk.intra_attention(q, k, v, PART6, backend=name))
+        with pytest.raises(NotImplementedError, match="no double backward"):
+            _penalty_gradient(lambda q, k, v: sk.inter_attention(q, k, v, backend=name))
+
+
+def test_segment_mean_double_backward_keeps_the_graph():
+    """segment_mean is linear: its backward through the kernels, run under create_graph=True,
+    must stay differentiable in dz (d/dx of ||d/dx ||mean(x)||^2||^2 against the torch backend's)."""
+    def second(backend):
+        x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float32).requires_grad_()
+        gx, = torch.autograd.grad(sk.segment_mean(x, PART6, backend=backend).pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), x)[0]
+
+    expected = second("torch")
+    assert expected.abs().sum() > 0
+    for name in [n for n in ("triton", "sdpa") if backends.get(n).unavailable(torch.device("cpu")) is None]:
+        torch.testing.assert_close(second(name), expected)
