@@ -65,8 +65,8 @@ def intra_attention(q, k, v, partition: Partition, bias: Optional[torch.Tensor],
         valid = idx >= 0
         safe = idx.clamp_min(0)
         b = None
-        if bias is not None:
-            b = bias[..., parts, :m, :m]                      # [G,m,m] or [H,G,m,m]
+        if bias is not None:       # entries with a padding slot are ignored, even -inf or NaN ones
+            b = bias[..., parts, :m, :m].masked_fill(~(valid[:, :, None] & valid[:, None, :]), 0)  # [G,m,m] / [H,G,m,m]
             b = b.unsqueeze(0) if b.dim() == 4 else b.unsqueeze(0).unsqueeze(0)
         o = _masked_attention(q[:, safe], k[:, safe], v[:, safe], valid, b, scale)
         outs.append(o[:, valid])                              # [B, n_bucket, H, d]

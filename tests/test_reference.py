@@ -29,18 +29,36 @@ def test_intra_matches_dense_masked_attention(seed, bias_kind):
     assert rel_err(out, ref) < 1e-12
 
 
-def test_intra_ignores_bias_in_padding_slots():
+@pytest.mark.parametrize("fill", [1e9, float("-inf"), float("nan")])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_intra_ignores_bias_in_padding_slots(backend, fill):
+    """Bias entries with a padding slot (query or key) change nothing: not the output, not the
+    gradients, whatever they hold (the torch backend's padding query rows once turned a -inf
+    there into NaN gradients for real nodes)."""
+    if sk.backends.get(backend).unavailable(torch.device("cpu")):
+        pytest.skip(f"{backend} does not run here")
+    dtype = F64 if backend == "torch" else torch.float32
     g = torch.Generator().manual_seed(3)
     part = random_partition(20, max_size=6, generator=g)
-    q, k, v = _qkv(g, 1, 20, 2, 4)
-    bias = torch.randn(part.num_parts, part.max_size, part.max_size, generator=g, dtype=F64)
-    padded = bias.clone()
+    q, k, v = (t.to(dtype).requires_grad_() for t in _qkv(g, 1, 20, 2, 4))
+    bias = torch.randn(part.num_parts, part.max_size, part.max_size, generator=g, dtype=dtype)
     slots = torch.arange(part.max_size)
     pad = slots.unsqueeze(0) >= part.lengths.unsqueeze(1)           # [P, M]
-    padded[pad.unsqueeze(2).expand_as(padded) | pad.unsqueeze(1).expand_as(padded)] = 1e9
-    a = sk.intra_attention(q, k, v, part, bias=bias, backend="torch")
-    b = sk.intra_attention(q, k, v, part, bias=padded, backend="torch")
-    assert torch.equal(a, b)
+    pair_pad = pad.unsqueeze(2) | pad.unsqueeze(1)
+    assert pair_pad.any()
+    padded = bias.masked_fill(pair_pad, fill)
+    w = torch.randn(1, 20, 2, 4, generator=g, dtype=dtype)
+    results = []
+    for b in (bias, padded):
+        b = b.clone().requires_grad_()
+        o = sk.intra_attention(q, k, v, part, bias=b, backend=backend)
+        results.append((o, *torch.autograd.grad((o * w).sum(), (q, k, v, b))))
+    (o_a, *grads_a), (o_b, *grads_b) = results
+    assert torch.equal(o_a, o_b)
+    for a, b in zip(grads_a[:3], grads_b[:3]):
+        assert torch.equal(a, b)
+    assert torch.equal(grads_b[3][~pair_pad], grads_a[3][~pair_pad])
+    assert not grads_b[3][pair_pad].any()
 
 
 def test_large_logits_stay_finite():
