@@ -37,6 +37,20 @@ def test_to_csr_edge_index_keeps_trailing_isolated_nodes():
     assert to_csr(np.array([[0], [1]]), num_nodes=5).shape == (5, 5)
 
 
+def test_to_csr_refuses_a_two_by_two_integer_array_without_num_nodes():
+    """Two edges 0-1, 1-2 as an edge_index are also a 2 x 2 integer matrix: read as a dense
+    2-node graph, the path 0-1-2 silently became one edge. Ambiguous, so refused by name; with
+    num_nodes it is an edge_index, as floats a dense matrix."""
+    path = np.array([[0, 1], [1, 2]])
+    for form in (path, torch.from_numpy(path)):
+        with pytest.raises(ValueError, match="adjacency: a 2 x 2 integer array is both"):
+            to_csr(form)
+        with pytest.raises(ValueError, match="adjacency: a 2 x 2 integer array"):
+            partition_graph(form, 2)
+    assert to_csr(path, num_nodes=3).toarray().tolist() == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+    assert to_csr(path.astype(float)).toarray().tolist() == [[0, 1], [1, 0]]
+
+
 @pytest.mark.parametrize("bad, match", [
     (np.zeros((3, 4)), "square"),
     (np.zeros(3), "adjacency must be"),

@@ -81,6 +81,10 @@ def _convert(adjacency, num_nodes: Optional[int]) -> sp.csr_matrix:
         arr = _to_numpy(adjacency)
         if arr.ndim != 2:
             raise ValueError(f"adjacency must be [N, N] or an edge_index [2, E], got shape {arr.shape}")
+        if np.issubdtype(arr.dtype, np.integer) and arr.shape == (2, 2) and num_nodes is None:
+            raise ValueError("adjacency: a 2 x 2 integer array is both an edge_index of 2 edges and a dense "
+                             "2-node matrix; convert it first: to_csr(edge_index, num_nodes=N), or pass the "
+                             "dense matrix as floats")
         if np.issubdtype(arr.dtype, np.integer) and arr.shape[0] == 2 and (arr.shape[1] != 2 or num_nodes):
             mat = _edge_index_to_csr(arr, num_nodes)
         elif arr.shape[0] == arr.shape[1]:
