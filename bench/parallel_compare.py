@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("train_args", nargs="*", help="more sba_model.forecast.train arguments, after --")
     a = p.parse_args(argv)
-    common = ["--data", a.data, "--epochs", str(a.epochs), "--quiet", *a.train_args]
+    common = ["--data", a.data, "--epochs", str(a.epochs), "--quiet", "--overwrite", *a.train_args]   # scratch runs
     rows, seconds = {}, {}
     for name, ranks, extra in (("1 process", 1, []), ("2 ranks, spatial", 2, ["--parallel", "spatial"])):
         run_dir = Path(a.runs) / name.split(",")[0].replace(" ", "_")

@@ -330,8 +330,9 @@ def test_day_of_week_embedding_only_where_training_sees_every_weekday():
 
 
 def _cfg(tmp_path, path, **kw):
-    return train.TrainConfig(data=str(path), model="sba", parts=[4, 2], dim=16, heads=2, batch_size=16,
-                             run_dir=str(tmp_path / "run"), quiet=True, **kw)
+    kw = dict(data=str(path), model="sba", parts=[4, 2], dim=16, heads=2, batch_size=16,
+              run_dir=str(tmp_path / "run"), quiet=True) | kw
+    return train.TrainConfig(**kw)
 
 
 def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
@@ -364,6 +365,31 @@ def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
         assert (tmp_path / "b" / "run" / name).exists()
     with pytest.raises(ValueError, match="resume"):
         train.run(_cfg(tmp_path / "b", path, epochs=5, lr=0.05, resume=True))
+
+
+def test_a_new_run_never_writes_over_an_earlier_one(tmp_path):
+    """A run started in a folder holding a finished run stops before it writes anything (it
+    deleted metrics.json and rewrote config.json beside the old checkpoints, which then no
+    longer loaded); ``--overwrite`` replaces the run whole, ``--resume`` continues it."""
+    path = tmp_path / "mine.npz"
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
+    train.run(_cfg(tmp_path, path, epochs=1))
+    run = tmp_path / "run"
+    saved = {f.name: f.read_bytes() for f in run.iterdir()}
+    assert {"config.json", "best.pt", "last.pt", "metrics.json", "learning_curve.png"} <= set(saved)
+    with pytest.raises(ValueError, match=r"run_dir: .* holds an earlier run \(last.pt, best.pt, metrics.json, "
+                                         r"learning_curve.png\); continue it with --resume"):
+        train.run(_cfg(tmp_path, path, epochs=1, dim=8))
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == saved
+    loaded_cfg, _ = train.load_run(run)
+    assert loaded_cfg.dim == 16
+
+    replaced = train.run(_cfg(tmp_path, path, epochs=1, dim=8, overwrite=True))
+    loaded_cfg, setup = train.load_run(run)                         # the new run's settings and weights
+    assert loaded_cfg.dim == 8 and replaced["epochs_run"] == 1
+    assert json.loads((run / "metrics.json").read_text())["test"] == replaced["test"]
+    assert train.parse_args(["--overwrite"]).overwrite and not train.parse_args([]).overwrite
+    assert "overwrite" not in json.loads((run / "config.json").read_text())
 
 
 def test_cli_trains_on_a_user_file(tmp_path, capsys):

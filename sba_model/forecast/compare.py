@@ -14,7 +14,8 @@ on the first seed.
 ``--resume`` makes a long comparison survive being stopped: a run whose folder already holds
 ``metrics.json`` from exactly these settings is read back instead of trained again, an
 unfinished one with exactly these settings continues from its last checkpoint (`train`'s
-``--resume``), and a run with other settings trains afresh. The table then says how many runs
+``--resume``), and a run with other settings trains afresh (without ``--resume``, every run
+does: its folder's earlier run is replaced). The table then says how many runs
 it read back; its wall time is this call's, and the summed training time counts the runs read
 back too (each run's ``train_seconds``).
 """
@@ -172,13 +173,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def same_settings(cfg: train.TrainConfig) -> bool:
     """Whether ``cfg.run_dir`` holds a run (finished or not) of exactly ``cfg``: its
-    ``config.json`` holds every setting of ``cfg`` but how it ran (resume, quiet, device) and
+    ``config.json`` holds every setting of ``cfg`` but how it ran (`train.HOW_IT_RAN`) and
     those left None, which `train.run` resolves from the data and records resolved."""
     try:
         saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("resume", "quiet", "device")}))
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in train.HOW_IT_RAN}))
     return all(v is None or saved.get(k) == v for k, v in wanted.items())
 
 
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
     runs = a.runs or Path("runs") / stem
     out = a.out or runs / "compare.md"
     base = train.TrainConfig(data=a.data, epochs=a.epochs, patience=a.patience, parts=a.parts, dim=a.dim, lr=a.lr,
-                             batch_size=a.batch_size, device=a.device, residual=a.residual, quiet=True)
+                             batch_size=a.batch_size, device=a.device, residual=a.residual, quiet=True,
+                             overwrite=True)          # a run not read back or continued trains afresh
     started = time.perf_counter()
     results = {name: [] for name in a.models}
     reused = 0

@@ -11,6 +11,10 @@ A run folder (``--run-dir``, default ``runs/<data>-<model>``) gets
   seconds since the start, per epoch (empty for the models without weights);
 * ``learning_curve.png``: training loss and validation MAE per epoch.
 
+A folder that already holds a run (checkpoints or ``metrics.json``) is never written over by
+accident: a new run there stops before it starts unless it continues that run (``--resume``)
+or replaces it (``--overwrite``, which removes the old checkpoints, metrics and curve first).
+
 The loss is masked MAE on de-normalised values: missing values count in neither loss nor metrics.
 
 Several processes (``torchrun --nproc_per_node W -m sba_model.forecast.train ... --parallel MODE``;
@@ -50,6 +54,10 @@ from ..nn.distributed import SpatialShard, all_reduce_sum, allreduce_gradients, 
 from ..nn.model import SBATransformer
 
 PARALLEL = ("none", "spatial", "data")
+# What a finished or stopped run leaves in its folder besides config.json.
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "learning_curve.png")
+# TrainConfig fields that say how a run ran, not what it trained: not in config.json.
+HOW_IT_RAN = ("resume", "overwrite", "quiet", "device")
 
 
 @dataclass
@@ -77,6 +85,7 @@ class TrainConfig:
     backend: str = "auto"
     run_dir: Optional[str] = None
     resume: bool = False
+    overwrite: bool = False                # start afresh in a run_dir that holds an earlier run
     quiet: bool = False
     parallel: str = "none"                 # none, spatial or data (under torchrun)
 
@@ -345,6 +354,13 @@ def load_run(run_dir, device: str = "cpu") -> tuple[TrainConfig, Setup]:
 def run(cfg: TrainConfig) -> dict:
     """Train (when the model has weights), pick the best validation epoch, test. Returns the
     metrics dict, which rank 0 also writes to ``metrics.json``."""
+    run_dir = Path(cfg.run_dir or f"runs/{Path(cfg.data).stem}-{cfg.model}")
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    earlier = [name for name in RUN_FILES if (run_dir / name).exists()]
+    resuming = cfg.resume and last_path.exists()
+    if earlier and not resuming and not cfg.overwrite:
+        raise ValueError(f"run_dir: {run_dir} holds an earlier run ({', '.join(earlier)}); continue it with "
+                         f"--resume, choose another --run-dir, or replace it with --overwrite")
     ranks, device = _start(cfg.parallel, cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -360,11 +376,9 @@ def run(cfg: TrainConfig) -> dict:
     evaluator = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
     torch.manual_seed(cfg.seed + ranks.rank)             # dropout: each rank's own draws
 
-    run_dir = Path(cfg.run_dir or f"runs/{Path(cfg.data).stem}-{cfg.model}")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "quiet", "device")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in HOW_IT_RAN}
     settings.update(out_steps=out_steps, horizons=horizons, world_size=ranks.world)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if cfg.resume and last_path.exists():
+    if resuming:
         saved_cfg = json.loads((run_dir / "config.json").read_text())
         changed = {k for k in settings if k not in ("epochs", "run_dir") and saved_cfg.get(k) != settings[k]}
         if changed:
@@ -372,8 +386,10 @@ def run(cfg: TrainConfig) -> dict:
     ranks.barrier()                                      # every rank has read config.json
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        # An earlier run's metrics must not sit beside this run's settings until it finishes.
-        (run_dir / "metrics.json").unlink(missing_ok=True)
+        # Nothing of an earlier run may sit beside this run's settings: its metrics (until this
+        # run finishes), and, when this run replaces it, its checkpoints and curve.
+        for name in RUN_FILES if not resuming else ("metrics.json",):
+            (run_dir / name).unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(settings, indent=1))
 
     trainable = any(p.requires_grad for p in model.parameters())
@@ -383,7 +399,7 @@ def run(cfg: TrainConfig) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
         shuffle = torch.Generator().manual_seed(cfg.seed)
-        if cfg.resume and last_path.exists():
+        if resuming:
             state = torch.load(last_path, weights_only=False)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -489,6 +505,7 @@ def parse_args(argv=None) -> TrainConfig:
                    help="kernel backend of the SBA ops (auto: the fastest that takes the input)")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run run-dir holds (default: refuse)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--parallel", default=d.parallel, choices=PARALLEL,
                    help="under torchrun: shard the sensors (spatial) or the windows (data) across processes")
