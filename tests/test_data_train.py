@@ -392,6 +392,21 @@ def test_a_new_run_never_writes_over_an_earlier_one(tmp_path):
     assert "overwrite" not in json.loads((run / "config.json").read_text())
 
 
+def test_step_counts_must_be_positive(tmp_path, capsys):
+    """A horizon of -1 read the second-to-last step's error as a "-5min" row (and into the
+    average); 0 divided by zero after config.json was written. Refused first, by name."""
+    path = tmp_path / "mine.npz"
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
+    for bad in (dict(horizons=[-1, 3]), dict(horizons=[0]), dict(out_steps=0), dict(in_steps=0)):
+        with pytest.raises(ValueError, match="count steps and must be >= 1"):
+            train.run(_cfg(tmp_path, path, epochs=1, **bad))
+        assert not (tmp_path / "run").exists()
+    for flag in (["--horizons", "-1", "3"], ["--in-steps", "0"], ["--out-steps", "0"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(flag)
+        assert "count steps and must be >= 1" in capsys.readouterr().err
+
+
 def test_cli_trains_on_a_user_file(tmp_path, capsys):
     path = tmp_path / "mine.npz"
     D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)

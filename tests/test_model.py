@@ -149,6 +149,31 @@ def test_model_rejects_bad_input():
         model(torch.randn(2, 4, 120, 1))
     with pytest.raises(ValueError, match="partitions"):
         SBATransformer(121, 4, 1, 2, 1, [part])
+    x = torch.randn(2, 4, 120, 1)
+    with pytest.raises(ValueError, match=r"tod must lie in \[0, 24\), got values from 0 to 24"):
+        model(x, torch.tensor([0, 24]))
+    with pytest.raises(ValueError, match=r"tod must lie in \[0, 24\), got values from -1"):
+        model(x, torch.tensor([-1, 3]))
+    with pytest.raises(TypeError, match="tod must hold integer slots"):
+        model(x, torch.tensor([0.0, 23.9]))
+    assert model(x, torch.tensor([0, 23])).shape == (2, 2, 120, 1)
+    weekly = SBATransformer(120, 4, 1, 2, 1, [part], dim=16, num_heads=2, day_of_week=True)
+    with pytest.raises(ValueError, match=r"dow must lie in \[0, 7\)"):
+        weekly(x, dow=torch.tensor([0, 7]))
+
+
+@pytest.mark.parametrize("layer", ["SBAttention", "SBABlock"])
+def test_layers_name_a_bad_x(layer):
+    """Wrong width, node count, rank or dtype: a ValueError / TypeError naming x, not a matmul's
+    shape error from inside."""
+    part = partition_graph(_graph(), 4)
+    module = {"SBAttention": SBAttention, "SBABlock": SBABlock}[layer](16, 2, part)
+    assert module(torch.randn(2, 120, 16)).shape == (2, 120, 16)
+    for bad in (torch.randn(2, 120, 15), torch.randn(2, 119, 16), torch.randn(120, 16)):
+        with pytest.raises(ValueError, match=r"x must be \[B, N=120, D=16\], got shape"):
+            module(bad)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        module(torch.zeros(2, 120, 16, dtype=torch.long))
 
 
 def test_module_to_moves_partition():

@@ -319,6 +319,9 @@ def prepare(cfg: TrainConfig) -> Setup:
     """Load ``cfg.data``, split it and build ``cfg.model`` for it, as `run` does."""
     series = datasets.load(cfg.data)
     horizons = cfg.horizons or default_horizons(series.step_minutes)
+    if min(horizons) < 1 or (cfg.out_steps is not None and cfg.out_steps < 1) or cfg.in_steps < 1:
+        raise ValueError(f"horizons, out_steps and in_steps count steps and must be >= 1, got horizons={horizons}, "
+                         f"out_steps={cfg.out_steps}, in_steps={cfg.in_steps}")
     out_steps = cfg.out_steps or max(horizons)
     if max(horizons) > out_steps:
         raise ValueError(f"horizons {horizons} reach past out_steps={out_steps}")
@@ -512,6 +515,8 @@ def parse_args(argv=None) -> TrainConfig:
     a = p.parse_args(argv)
     if a.epochs < 1 or a.batch_size < 1 or a.patience < 1:
         p.error("--epochs, --batch-size and --patience must be >= 1")
+    if a.in_steps < 1 or (a.out_steps is not None and a.out_steps < 1) or (a.horizons and min(a.horizons) < 1):
+        p.error("--in-steps, --out-steps and --horizons count steps and must be >= 1")
     return TrainConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
 
 

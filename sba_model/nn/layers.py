@@ -22,6 +22,17 @@ from ..graph.partitioning import INTER_THRESHOLD, _check_num_parts, token_levels
 __all__ = ["IntraAttention", "InterAttention", "SBAttention", "SBABlock", "LocalTokens"]
 
 
+def _check_nodes(x, partition: Partition, width: int) -> None:
+    """``x`` must be ``[B, N, D]`` floating point, N the partition's nodes and D the layer's
+    width: said here, by name, rather than by a matmul or a reshape deep inside."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or tuple(x.shape[1:]) != (partition.num_nodes, width):
+        raise ValueError(f"x must be [B, N={partition.num_nodes}, D={width}], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+
+
 def _head_dim(embed_dim: int, num_heads: int) -> int:
     if num_heads < 1 or embed_dim % num_heads:
         raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -135,6 +146,7 @@ class IntraAttention(_HoldsPartition):
 
     def _qkv_bias(self, x: torch.Tensor):
         """q, k, v ``[B, N, H, d]`` and the graph bias (or None) in their dtype."""
+        _check_nodes(x, self.partition, self.qkv.in_features)
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         bias = self.graph_bias()
@@ -335,6 +347,7 @@ class SBABlock(_HoldsPartition):
         self.tokens = LocalTokens()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_nodes(x, self.partition, self.norm1.normalized_shape[0])
         h = x + self.drop(self.intra(self.norm1(x)))
         h = h + self.drop(self.mlp(self.norm2(h)))
         if not self.has_inter:

@@ -20,11 +20,19 @@ __all__ = ["SBATransformer"]
 def time_embedding(name: str, table: Optional[nn.Embedding], ids: Optional[torch.Tensor], batch: int):
     """``table(ids)`` as ``[B, 1, D]`` to broadcast over the nodes, or 0.0 when ``table`` is None
     (the embedding is off). ``ids``: ``[B]`` long (time-of-day slot or day of week of the last
-    input step); ``name`` names the argument in the error when they are missing or misshapen."""
+    input step); ``name`` names the argument in the error when they are missing, misshapen, not
+    integers or out of the table's range."""
     if table is None:
         return 0.0
-    if ids is None or ids.shape != (batch,):
+    if not isinstance(ids, torch.Tensor) or ids.shape != (batch,):
         raise ValueError(f"{name} must be a [B={batch}] long tensor when its embedding is enabled")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer slots, got dtype {ids.dtype}")
+    # One host sync per forward: an id off the table is an IndexError on the CPU and a
+    # device-side assert on a GPU, neither of which names the argument.
+    if not torch.compiler.is_compiling() and bool(((ids < 0) | (ids >= table.num_embeddings)).any()):
+        raise ValueError(f"{name} must lie in [0, {table.num_embeddings}), got values from {int(ids.min())} "
+                         f"to {int(ids.max())}")
     return table(ids.long()).unsqueeze(1)
 
 
