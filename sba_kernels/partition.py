@@ -16,6 +16,7 @@ gathering them through ``index``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -49,11 +50,12 @@ class Partition:
             raise ValueError(f"index must hold at least one subgraph and one slot, got {tuple(index.shape)}")
         if index.device != lengths.device:
             raise ValueError(f"index ({index.device}) and lengths ({lengths.device}) must be on one device")
-        total = int(lengths.sum())
-        if num_nodes is None:
-            num_nodes = total
-        if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+        if num_nodes is None:          # the lengths' sum, once they are known to be counts
+            _check_lengths(lengths, index.shape[1])
+            num_nodes = int(lengths.sum())
+        if not isinstance(num_nodes, numbers.Integral) or isinstance(num_nodes, bool) or num_nodes < 1:
             raise TypeError(f"num_nodes must be a positive int, got {num_nodes!r}")
+        num_nodes = int(num_nodes)
         _check_layout(index, lengths, num_nodes)
         # Copies: the caller's tensors may change later; this partition, checked once, may not.
         self._index = index.to(torch.int32, copy=True).contiguous()
@@ -80,15 +82,14 @@ class Partition:
             raise ValueError(f"assignment must be a non-empty 1-D sequence of ints, got shape {tuple(a.shape)}")
         if int(a.min()) < 0:
             raise ValueError("assignment must hold subgraph ids >= 0")
-        if num_parts is None:
-            num_parts = int(a.max()) + 1
-        elif int(a.max()) >= num_parts:
-            raise ValueError(f"assignment holds id {int(a.max())}, which is >= num_parts={num_parts}")
-        counts = torch.bincount(a, minlength=num_parts)
-        kept = counts > 0
-        new_id = torch.cumsum(kept.long(), 0) - 1           # old part id -> compacted id
-        a = new_id[a]
-        counts = counts[kept]
+        if num_parts is not None:
+            if not isinstance(num_parts, numbers.Integral) or isinstance(num_parts, bool) or num_parts < 1:
+                raise TypeError(f"num_parts must be a positive int, got {num_parts!r}")
+            if int(a.max()) >= num_parts:
+                raise ValueError(f"assignment holds id {int(a.max())}, which is >= num_parts={num_parts}")
+        # Compacted ids in the order of the old ones, empty parts gone; by sorting, not a count
+        # per possible id, whose memory would follow the largest id rather than N.
+        _, a, counts = torch.unique(a, sorted=True, return_inverse=True, return_counts=True)
         order = torch.argsort(a, stable=True)                # node ids grouped by part, ascending
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(a.numel(), device=a.device) - starts[a[order]]
@@ -104,7 +105,8 @@ class Partition:
         width = max(len(p) for p in parts)
         index = torch.full((len(parts), max(width, 1)), -1, dtype=torch.int32)
         for row, p in enumerate(parts):
-            index[row, : len(p)] = torch.as_tensor(list(p), dtype=torch.int32)
+            if len(p):                    # an empty one is refused by the lengths check
+                index[row, : len(p)] = _as_int_tensor(torch.as_tensor(list(p)), "parts")
         lengths = torch.tensor([len(p) for p in parts], dtype=torch.int32)
         return cls(index, lengths, num_nodes=num_nodes)
 
@@ -209,13 +211,17 @@ def _run_starts(index: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Te
     return None
 
 
+def _check_lengths(lengths: torch.Tensor, width: int) -> None:
+    if int(lengths.min()) < 1:
+        raise ValueError(f"lengths must be >= 1 (no empty subgraphs), got min {int(lengths.min())}")
+    if int(lengths.max()) > width:
+        raise ValueError(f"lengths must be <= index.shape[1] = {width}, got max {int(lengths.max())}")
+
+
 def _check_layout(index: torch.Tensor, lengths: torch.Tensor, num_nodes: int) -> None:
     """Every rule of the padded layout; raises ValueError naming the argument broken."""
     P, M = index.shape
-    if int(lengths.min()) < 1:
-        raise ValueError(f"lengths must be >= 1 (no empty subgraphs), got min {int(lengths.min())}")
-    if int(lengths.max()) > M:
-        raise ValueError(f"lengths must be <= index.shape[1] = {M}, got max {int(lengths.max())}")
+    _check_lengths(lengths, M)
     slots = torch.arange(M, device=index.device).unsqueeze(0)
     real = slots < lengths.unsqueeze(1).to(slots.dtype)
     if bool((index[~real] != -1).any()):

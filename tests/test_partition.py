@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,20 @@ def test_bad_types_and_ranks():
         Partition.from_assignment([0, -1])
     with pytest.raises(ValueError, match="num_parts"):
         Partition.from_assignment([0, 3], num_parts=2)
+    with pytest.raises(TypeError, match="num_parts must be a positive int"):
+        Partition.from_assignment([0, 1], num_parts=2.0)
+    with pytest.raises(ValueError, match="lengths must be >= 1"):      # lengths, not the num_nodes they imply
+        Partition(torch.tensor([[0, 1]]), torch.tensor([-2]))
+    with pytest.raises(TypeError, match="parts must hold integers"):   # 0.9 and 1.7 were cut to 0 and 1
+        Partition.from_parts([[0.9, 1.7], [2.2]])
+    assert Partition(torch.tensor([[0, 1]]), torch.tensor([2]), num_nodes=np.int64(2)).num_nodes == 2
+
+
+def test_from_assignment_memory_follows_n_not_the_largest_id():
+    """Sparse ids are compacted by sorting: ids 0 and 10^12 make two subgraphs of one node, with
+    no table of 10^12 counts (it took 24 bytes per possible id: 10^9 was killed for memory)."""
+    p = Partition.from_assignment(torch.tensor([10**12, 0, 10**12, 7]))
+    assert p.parts() == [[1], [3], [0, 2]]
 
 
 def test_to_keeps_layout():
