@@ -7,6 +7,7 @@ shape/device/value) with the argument's name first, so a user sees which input i
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -77,7 +78,7 @@ def resolve_scale(scale: Optional[float], head_dim: int) -> float:
     """``scale`` as a float, defaulting to ``1/sqrt(head_dim)``."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):      # numpy scalars too
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")

@@ -37,6 +37,30 @@ def test_to_csr_edge_index_keeps_trailing_isolated_nodes():
     assert to_csr(np.array([[0], [1]]), num_nodes=5).shape == (5, 5)
 
 
+def test_graph_inputs_in_less_common_forms():
+    """numpy ints where ints go, bf16 dense tensors; complex weights, an edgeless edge_index
+    without num_nodes and a bad kernel width refused by name (complex weights lost their
+    imaginary part with a warning; sigma=0 made every weight 1e-12)."""
+    rng = np.random.default_rng(4)
+    coords = rng.random((30, 2))
+    assert (knn_adjacency(coords, np.int64(4)) != knn_adjacency(coords, 4)).nnz == 0
+    assert partition_graph(knn_adjacency(coords, 4), np.int64(3)).num_parts == 3
+    assert laplacian_pe(knn_adjacency(coords, 4), np.int32(2)).shape == (30, 2)
+    dense = torch.tensor([[0, 1, 0], [1, 0, 2], [0, 2, 0]], dtype=torch.bfloat16)
+    assert to_csr(dense).toarray().tolist() == [[0, 1, 0], [1, 0, 2], [0, 2, 0]]
+    with pytest.raises(TypeError, match="adjacency must hold real numbers, got dtype complex128"):
+        to_csr(np.eye(3) * (1 + 1j))
+    with pytest.raises(TypeError, match="adjacency must hold real weights"):
+        to_csr(sp.csr_matrix(np.ones((3, 3)) * 1j))
+    with pytest.raises(ValueError, match="an edge_index with no edges needs num_nodes"):
+        to_csr(np.zeros((2, 0), dtype=np.int64))
+    assert to_csr(np.zeros((2, 0), dtype=np.int64), num_nodes=4).shape == (4, 4)
+    for sigma in (0, -1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="sigma must be a finite positive kernel width"):
+            knn_adjacency(coords, 4, sigma=sigma)
+    assert knn_adjacency(coords, 4, sigma=np.float32(0.5)).nnz > 0
+
+
 def test_to_csr_refuses_a_two_by_two_integer_array_without_num_nodes():
     """Two edges 0-1, 1-2 as an edge_index are also a 2 x 2 integer matrix: read as a dense
     2-node graph, the path 0-1-2 silently became one edge. Ambiguous, so refused by name; with

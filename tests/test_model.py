@@ -81,6 +81,8 @@ def test_block_without_inter_keeps_subgraphs_apart():
         assert (changed > 1e-6) if inter else (changed == 0.0), (inter, changed)
     with pytest.raises(ValueError, match="multiple of num_heads"):
         SBABlock(30, 4, part)
+    with pytest.raises(ValueError, match="embed_dim"):
+        SBAttention(0, 1, part)
 
 
 def test_model_restores_user_node_order():
@@ -157,6 +159,9 @@ def test_model_rejects_bad_input():
     with pytest.raises(TypeError, match="tod must hold integer slots"):
         model(x, torch.tensor([0.0, 23.9]))
     assert model(x, torch.tensor([0, 23])).shape == (2, 2, 120, 1)
+    for bad in (0, -24, 24.0):
+        with pytest.raises(ValueError, match="steps_per_day must be a positive int or None"):
+            SBATransformer(120, 4, 1, 2, 1, [part], dim=16, num_heads=2, steps_per_day=bad)
     weekly = SBATransformer(120, 4, 1, 2, 1, [part], dim=16, num_heads=2, day_of_week=True)
     with pytest.raises(ValueError, match=r"dow must lie in \[0, 7\)"):
         weekly(x, dow=torch.tensor([0, 7]))

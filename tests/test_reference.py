@@ -1,3 +1,4 @@
+import numpy as np
 """The torch backend against independent brute-force formulas, in float64."""
 
 import pytest
@@ -161,6 +162,7 @@ def _good(N=10):
         (lambda q, p: sk.intra_attention(q, q, q, p, bias=[[1.0]]), TypeError, "bias must be"),
         (lambda q, p: sk.intra_attention(q, q, q, p, scale="x"), TypeError, "scale"),
         (lambda q, p: sk.intra_attention(q, q, q, p, scale=float("nan")), ValueError, "scale"),
+        (lambda q, p: sk.intra_attention(q, q, q, p, scale=True), TypeError, "scale"),
         (lambda q, p: sk.intra_attention(q, q, q, p, backend="tpu"), ValueError, "backend"),
         (lambda q, p: sk.intra_attention_pooled(q, q, q, p, bias=torch.zeros(3, 4, 3)), ValueError,
          "bias must have shape"),
@@ -175,6 +177,12 @@ def test_bad_inputs_raise_naming_the_argument(call, exc, match):
     q, part = _good()
     with pytest.raises(exc, match=match):
         call(q, part)
+
+
+def test_numpy_scalars_are_scales():
+    q, part = _good()
+    assert torch.equal(sk.intra_attention(q, q, q, part, scale=np.float32(0.5)),
+                       sk.intra_attention(q, q, q, part, scale=0.5))
 
 
 def test_available_backends_lists_torch():

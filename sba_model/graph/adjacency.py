@@ -19,6 +19,8 @@ graph for large N.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -32,7 +34,8 @@ EARTH_RADIUS_KM = 6371.0088
 
 def _to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.double() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()   # numpy has no bf16
     return np.asarray(x)
 
 
@@ -76,9 +79,13 @@ def _checked(mat: sp.csr_matrix) -> sp.csr_matrix:
 def _convert(adjacency, num_nodes: Optional[int]) -> sp.csr_matrix:
     """The conversion and checks behind `to_csr`, for a graph not yet checked."""
     if sp.issparse(adjacency):
+        if np.iscomplexobj(adjacency.data):
+            raise TypeError(f"adjacency must hold real weights, got dtype {adjacency.dtype}")
         mat = sp.csr_matrix(adjacency, dtype=np.float64)
     else:
         arr = _to_numpy(adjacency)
+        if np.iscomplexobj(arr) or arr.dtype == object:
+            raise TypeError(f"adjacency must hold real numbers, got dtype {arr.dtype}")
         if arr.ndim != 2:
             raise ValueError(f"adjacency must be [N, N] or an edge_index [2, E], got shape {arr.shape}")
         if np.issubdtype(arr.dtype, np.integer) and arr.shape == (2, 2) and num_nodes is None:
@@ -123,6 +130,8 @@ def permute_graph(adjacency, perm) -> sp.csr_matrix:
 
 def _edge_index_to_csr(edge_index: np.ndarray, num_nodes: Optional[int]) -> sp.csr_matrix:
     src, dst = edge_index.astype(np.int64)
+    if num_nodes is None and not edge_index.size:
+        raise ValueError("adjacency: an edge_index with no edges needs num_nodes (to_csr(edge_index, num_nodes=N))")
     n = int(edge_index.max()) + 1 if num_nodes is None else num_nodes
     if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= n):
         raise ValueError(f"edge_index holds a node id outside [0, {n})")
@@ -180,12 +189,14 @@ def knn_adjacency(coords, k: int, sigma: Optional[float] = None) -> sp.csr_matri
     if x.ndim != 2:
         raise ValueError(f"coords must be [N, D], got shape {x.shape}")
     n = x.shape[0]
-    if not isinstance(k, int) or not 1 <= k < n:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k < n:
         raise ValueError(f"k must be an int in [1, N) = [1, {n}), got {k!r}")
     dist, nbr = cKDTree(x).query(x, k=k + 1)            # column 0 is the point itself
     dist, nbr = dist[:, 1:], nbr[:, 1:]
     if sigma is None:
         sigma = float(dist.mean()) or 1.0
+    elif isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a finite positive kernel width or None, got {sigma!r}")
     w = np.exp(-np.square(dist / sigma)) + 1e-12        # keep zero-distance twins as edges
     rows = np.repeat(np.arange(n), k)
     return to_csr(sp.csr_matrix((w.ravel(), (rows, nbr.ravel())), shape=(n, n)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import numpy as np
@@ -140,7 +141,7 @@ def _proportional_shares(weights: np.ndarray, total: int) -> np.ndarray:
 
 
 def _check_num_parts(num_parts, name: str) -> int:
-    if isinstance(num_parts, bool) or not isinstance(num_parts, (int, np.integer)) or num_parts < 1:
+    if isinstance(num_parts, bool) or not isinstance(num_parts, numbers.Integral) or num_parts < 1:
         raise ValueError(f"{name} must be a positive int, got {num_parts!r}")
     return int(num_parts)
 

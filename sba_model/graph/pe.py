@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -77,7 +79,7 @@ def laplacian_pe(adjacency, k: int) -> torch.Tensor:
         largest-magnitude entry is positive (training flips signs at random). When ``N <= k``
         the missing columns are zero.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     lap = normalized_laplacian(adjacency)
     n = lap.shape[0]

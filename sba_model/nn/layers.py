@@ -34,7 +34,7 @@ def _check_nodes(x, partition: Partition, width: int) -> None:
 
 
 def _head_dim(embed_dim: int, num_heads: int) -> int:
-    if num_heads < 1 or embed_dim % num_heads:
+    if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
         raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
     return embed_dim // num_heads
 

@@ -102,6 +102,10 @@ class SBATransformer(nn.Module):
             self.pe = None
         # Internal node order, like pe: row i belongs to the node at internal position i.
         self.node_id = nn.Parameter(torch.zeros(num_nodes, dim)) if node_embedding else None
+        if steps_per_day is not None and (isinstance(steps_per_day, bool) or not isinstance(steps_per_day, int)
+                                          or steps_per_day < 1):
+            raise ValueError(f"steps_per_day must be a positive int or None (no time-of-day embedding), "
+                             f"got {steps_per_day!r}")
         self.tod = nn.Embedding(steps_per_day, dim) if steps_per_day else None
         self.dow = nn.Embedding(7, dim) if day_of_week else None
         # The calendar is added to every node's token, the same for all nodes: at nn.Embedding's
