@@ -19,7 +19,9 @@
 #   graph GRAPH_S, 240),
 #   and a stage that hits it is reported and the next stage runs;
 # * `build` compiles the cuda backend's extension (cached for the stages after it);
-# * `tests` runs only the GPU tests (`-m gpu`), stopping at the first failure, 120 s per test;
+# * `tests` runs only the GPU tests (`-m gpu`), 120 s per test, in 8 processes stopping after 40
+#   failures (pytest-xdist, on the GPU image) or, without xdist or with PYTEST_ARGS set (even
+#   empty), as PYTEST_ARGS says;
 # * the sweep rewrites scaling.csv/json after every point, so a killed sweep keeps its points;
 # * the project is used from this checkout through PYTHONPATH: no `pip install -e`, no build.
 #
@@ -58,7 +60,7 @@ stage() {   # stage NAME LOG COMMAND...: run under the time limit, log to $OUT/L
     local name=$1 log=$2; shift 2
     local limit=$STAGE_S left=$((DEADLINE_S - SECONDS - 15))    # 15 s for the kill and the copy back
     if [ $left -lt 30 ]; then
-        echo "[$name] not started: $((DEADLINE_S - SECONDS)) s left of DEADLINE_S=$DEADLINE_S" | tee "$OUT/$log"
+        echo "[$name] not started: $((DEADLINE_S - SECONDS)) s left of DEADLINE_S=$DEADLINE_S, under the 45 a stage needs" | tee "$OUT/$log"
         status=1; return
     fi
     [ $left -lt "$limit" ] && limit=$left

@@ -83,8 +83,10 @@ class Partition:
         if int(a.min()) < 0:
             raise ValueError("assignment must hold subgraph ids >= 0")
         if num_parts is not None:
-            if not isinstance(num_parts, numbers.Integral) or isinstance(num_parts, bool) or num_parts < 1:
-                raise TypeError(f"num_parts must be a positive int, got {num_parts!r}")
+            if not isinstance(num_parts, numbers.Integral) or isinstance(num_parts, bool):
+                raise TypeError(f"num_parts must be an int, got {num_parts!r}")
+            if num_parts < 1:
+                raise ValueError(f"num_parts must be >= 1, got {num_parts}")
             if int(a.max()) >= num_parts:
                 raise ValueError(f"assignment holds id {int(a.max())}, which is >= num_parts={num_parts}")
         # Compacted ids in the order of the old ones, empty parts gone; by sorting, not a count

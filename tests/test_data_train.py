@@ -390,6 +390,9 @@ def test_a_new_run_never_writes_over_an_earlier_one(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["test"] == replaced["test"]
     assert train.parse_args(["--overwrite"]).overwrite and not train.parse_args([]).overwrite
     assert "overwrite" not in json.loads((run / "config.json").read_text())
+    (run / "last.pt").unlink()                  # killed between writing best.pt and last.pt, say
+    with pytest.raises(ValueError, match=r"resume: .* holds no last.pt to continue from, but an earlier run's best.pt"):
+        train.run(_cfg(tmp_path, path, epochs=1, dim=8, resume=True))
 
 
 def test_step_counts_must_be_positive(tmp_path, capsys):

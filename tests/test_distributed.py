@@ -222,10 +222,11 @@ def test_torchrun_training_matches_one_process(tmp_path):
         assert [h["epoch"] for h in last["history"]] == [1, 2] and len(last["torch_rng"]) == WORLD
 
 
-def test_parallel_modes_need_torchrun(monkeypatch):
+def test_parallel_modes_need_torchrun(monkeypatch, tmp_path):
     from sba_model.forecast import train
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)          # the default run folder is relative: not the checkout's runs/
     with pytest.raises(ValueError, match="parallel='spatial' runs under torchrun"):
         train.run(train.TrainConfig(parallel="spatial"))
     with pytest.raises(ValueError, match="parallel must be one of"):

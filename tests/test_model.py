@@ -159,6 +159,7 @@ def test_model_rejects_bad_input():
     with pytest.raises(TypeError, match="tod must hold integer slots"):
         model(x, torch.tensor([0.0, 23.9]))
     assert model(x, torch.tensor([0, 23])).shape == (2, 2, 120, 1)
+    assert SBATransformer(120, 4, 1, 2, 1, [part], dim=16, num_heads=2, steps_per_day=np.int64(24)).tod.num_embeddings == 24
     for bad in (0, -24, 24.0):
         with pytest.raises(ValueError, match="steps_per_day must be a positive int or None"):
             SBATransformer(120, 4, 1, 2, 1, [part], dim=16, num_heads=2, steps_per_day=bad)

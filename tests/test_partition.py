@@ -61,8 +61,10 @@ def test_bad_types_and_ranks():
         Partition.from_assignment([0, -1])
     with pytest.raises(ValueError, match="num_parts"):
         Partition.from_assignment([0, 3], num_parts=2)
-    with pytest.raises(TypeError, match="num_parts must be a positive int"):
+    with pytest.raises(TypeError, match="num_parts must be an int"):
         Partition.from_assignment([0, 1], num_parts=2.0)
+    with pytest.raises(ValueError, match="num_parts must be >= 1"):
+        Partition.from_assignment([0, 1], num_parts=0)
     with pytest.raises(ValueError, match="lengths must be >= 1"):      # lengths, not the num_nodes they imply
         Partition(torch.tensor([[0, 1]]), torch.tensor([-2]))
     with pytest.raises(TypeError, match="parts must hold integers"):   # 0.9 and 1.7 were cut to 0 and 1

@@ -361,6 +361,9 @@ def run(cfg: TrainConfig) -> dict:
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     earlier = [name for name in RUN_FILES if (run_dir / name).exists()]
     resuming = cfg.resume and last_path.exists()
+    if earlier and cfg.resume and not resuming and not cfg.overwrite:
+        raise ValueError(f"resume: {run_dir} holds no last.pt to continue from, but an earlier run's "
+                         f"{', '.join(earlier)}; replace it with --overwrite or choose another --run-dir")
     if earlier and not resuming and not cfg.overwrite:
         raise ValueError(f"run_dir: {run_dir} holds an earlier run ({', '.join(earlier)}); continue it with "
                          f"--resume, choose another --run-dir, or replace it with --overwrite")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -28,9 +29,9 @@ def time_embedding(name: str, table: Optional[nn.Embedding], ids: Optional[torch
         raise ValueError(f"{name} must be a [B={batch}] long tensor when its embedding is enabled")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer slots, got dtype {ids.dtype}")
-    # One host sync per forward: an id off the table is an IndexError on the CPU and a
-    # device-side assert on a GPU, neither of which names the argument.
-    if not torch.compiler.is_compiling() and bool(((ids < 0) | (ids >= table.num_embeddings)).any()):
+    # An id off the table is an IndexError, naming nothing, on the CPU. Checked there only: on a
+    # GPU it would cost a host sync per forward (and break CUDA-graph capture).
+    if ids.device.type == "cpu" and bool(((ids < 0) | (ids >= table.num_embeddings)).any()):
         raise ValueError(f"{name} must lie in [0, {table.num_embeddings}), got values from {int(ids.min())} "
                          f"to {int(ids.max())}")
     return table(ids.long()).unsqueeze(1)
@@ -102,11 +103,11 @@ class SBATransformer(nn.Module):
             self.pe = None
         # Internal node order, like pe: row i belongs to the node at internal position i.
         self.node_id = nn.Parameter(torch.zeros(num_nodes, dim)) if node_embedding else None
-        if steps_per_day is not None and (isinstance(steps_per_day, bool) or not isinstance(steps_per_day, int)
-                                          or steps_per_day < 1):
+        if steps_per_day is not None and (isinstance(steps_per_day, bool)
+                                          or not isinstance(steps_per_day, numbers.Integral) or steps_per_day < 1):
             raise ValueError(f"steps_per_day must be a positive int or None (no time-of-day embedding), "
                              f"got {steps_per_day!r}")
-        self.tod = nn.Embedding(steps_per_day, dim) if steps_per_day else None
+        self.tod = nn.Embedding(int(steps_per_day), dim) if steps_per_day else None
         self.dow = nn.Embedding(7, dim) if day_of_week else None
         # The calendar is added to every node's token, the same for all nodes: at nn.Embedding's
         # N(0, 1) start it outweighs the history embedding (norm about sqrt(dim)) and SBA models
