@@ -1,6 +1,7 @@
 """Data format, windows, splits, metrics, models of the harness, and resumable training."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -408,6 +409,51 @@ def test_step_counts_must_be_positive(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.parse_args(flag)
         assert "count steps and must be >= 1" in capsys.readouterr().err
+
+
+def test_resuming_with_more_epochs_stretches_the_schedule(tmp_path, monkeypatch):
+    """A run of 1 epoch resumed with --epochs 3: its cosine schedule restored at length 1 sat at
+    its floor, so epochs 2 and 3 trained at learning rate 0 (and validation MAE did not move).
+    Stretched, the rate after each epoch is a straight 3-epoch run's."""
+    path = tmp_path / "mine.npz"
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)
+    real_save, rates = train.save_atomic, {}
+
+    def record(obj, target):
+        if target.name == "last.pt":
+            rates.setdefault(target.parent.parent.name, []).append(obj["optimizer"]["param_groups"][0]["lr"])
+        real_save(obj, target)
+
+    monkeypatch.setattr(train, "save_atomic", record)
+    train.run(_cfg(tmp_path / "straight", path, epochs=3, patience=99, lr=0.01))
+    train.run(_cfg(tmp_path / "resumed", path, epochs=1, patience=99, lr=0.01))
+    train.run(_cfg(tmp_path / "resumed", path, epochs=3, patience=99, lr=0.01, resume=True))
+    assert rates["straight"] == pytest.approx([0.01 * (1 + math.cos(math.pi * t / 3)) / 2 for t in (1, 2, 3)], abs=1e-12)
+    assert rates["resumed"][0] == 0.0                                   # the 1-epoch schedule's end
+    assert rates["resumed"][1:] == pytest.approx(rates["straight"][1:], abs=1e-12)
+
+
+def test_metrics_with_nothing_observed_are_nan_not_zero(tmp_path):
+    """A horizon with no observed target reported MAE 0.0 (a count clamped to 1); now NaN, and a
+    validation split with nothing observed stops the run by name instead of picking epoch 1."""
+    arrays = _arrays(T=240, N=16, C=1)
+    test_from = int(240 * 0.8)
+    arrays["mask"] = np.ones((240, 16, 1), bool)
+    arrays["mask"][test_from:] = False
+    path = tmp_path / "gap.npz"
+    D.save_npz(D.validate(arrays), path)
+    metrics = train.run(_cfg(tmp_path / "a", path, epochs=1))
+    assert all(math.isnan(v) for v in metrics["test"]["average"].values()), metrics["test"]
+    arrays["mask"][:] = True
+    arrays["mask"][int(240 * 0.7):test_from] = False
+    D.save_npz(D.validate(arrays), path)
+    with pytest.raises(ValueError, match="the validation windows hold no observed target"):
+        train.run(_cfg(tmp_path / "b", path, epochs=1))
+    arrays["mask"][:] = True
+    arrays["mask"][:100] = False                    # batches of one window with nothing observed
+    D.save_npz(D.validate(arrays), path)
+    metrics = train.run(_cfg(tmp_path / "c", path, epochs=1, batch_size=1, in_steps=4))   # divided by 0 here
+    assert math.isfinite(metrics["history"][0]["train_mae"])
 
 
 def test_cli_trains_on_a_user_file(tmp_path, capsys):

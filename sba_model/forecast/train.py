@@ -138,19 +138,44 @@ class MetricSums:
             setattr(self, name, all_reduce_sum(getattr(self, name)))
         return self
 
+    def mae(self) -> torch.Tensor:
+        """MAE per step ahead, NaN where no target was observed (nothing measured is not 0)."""
+        return _per_observed(self.abs, self.count)
+
     def result(self, horizons: list[int], step_minutes: Optional[float]) -> dict:
-        mae = self.abs / self.count.clamp_min(1)
-        rmse = (self.sq / self.count.clamp_min(1)).sqrt()
-        mape = 100 * self.pct / self.pct_count.clamp_min(1)
+        """Metrics per reported horizon and their average over the horizons with observed
+        targets (NaN where a horizon, or all, had none)."""
+        mae = self.mae()
+        rmse = _per_observed(self.sq, self.count).sqrt()
+        mape = 100 * _per_observed(self.pct, self.pct_count)
         out = {"horizons": {}, "average": {}}
         for h in horizons:
             label = f"{int(h * step_minutes)}min" if step_minutes else f"{h}step"
             out["horizons"][label] = {"steps": h, "MAE": float(mae[h - 1]), "RMSE": float(rmse[h - 1]),
                                       "MAPE": float(mape[h - 1])}
         idx = [h - 1 for h in horizons]
-        out["average"] = {"MAE": float(mae[idx].mean()), "RMSE": float(rmse[idx].mean()),
-                          "MAPE": float(mape[idx].mean())}
+        out["average"] = {"MAE": float(mae[idx].nanmean()), "RMSE": float(rmse[idx].nanmean()),
+                          "MAPE": float(mape[idx].nanmean())}
         return out
+
+
+def _per_observed(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` per step, NaN where ``count`` is 0."""
+    return torch.where(count > 0, total / count.clamp_min(1), torch.nan)
+
+
+def stretch_schedule(sched: torch.optim.lr_scheduler.CosineAnnealingLR, epochs: int) -> None:
+    """A resumed run asked for another number of epochs than it was started with: its cosine
+    schedule, restored with the old length, would sit at its floor (0) past that length. Give it
+    the new one from the epoch reached, each group's rate where the new cosine has it there."""
+    epochs = max(1, epochs)
+    if sched.T_max == epochs:
+        return
+    sched.T_max = epochs
+    fraction = (1 + math.cos(math.pi * sched.last_epoch / epochs)) / 2
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+        group["lr"] = sched.eta_min + (base - sched.eta_min) * fraction
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -415,6 +440,7 @@ def run(cfg: TrainConfig) -> dict:
             torch.set_rng_state(state["torch_rng"][ranks.rank])
             history, best_val, stale = state["history"], state["best_val"], state["stale"]
             start_epoch = state["epoch"] + 1
+            stretch_schedule(sched, cfg.epochs)
         for epoch in range(start_epoch, cfg.epochs + 1):
             if stale >= cfg.patience:
                 break
@@ -439,11 +465,15 @@ def run(cfg: TrainConfig) -> dict:
                 batch_loss = all_reduce_sum(loss) if ranks.world > 1 else loss.detach()
                 total += float(batch_loss) * float(n)
                 count += float(n)
-                bar.set_postfix(mae=f"{total / count:.3f}")
+                if count:                    # batches may hold no observed target
+                    bar.set_postfix(mae=f"{total / count:.3f}")
             sched.step()
             val = evaluate(evaluator, windows["val"], scaler, device, 2 * cfg.batch_size, ranks)
-            val_mae = float((val.abs / val.count.clamp_min(1))[[h - 1 for h in horizons]].mean())
-            history.append({"epoch": epoch, "train_mae": total / count, "val_mae": val_mae,
+            val_mae = float(val.mae()[[h - 1 for h in horizons]].nanmean())
+            if math.isnan(val_mae):
+                raise ValueError(f"data: the validation windows hold no observed target at horizons {horizons}: "
+                                 f"no epoch can be picked by them (a larger val_fraction, or data with fewer gaps)")
+            history.append({"epoch": epoch, "train_mae": total / count if count else math.nan, "val_mae": val_mae,
                             "seconds": time.perf_counter() - started})
             improved = val_mae < best_val
             if improved:
@@ -463,7 +493,7 @@ def run(cfg: TrainConfig) -> dict:
                              "pe_rng": pe_rng.get_state(), "torch_rng": torch_rngs, "epoch": epoch,
                              "history": history, "best_val": best_val, "stale": stale}, last_path)
                 if not cfg.quiet:
-                    tqdm.write(f"{cfg.model} epoch {epoch}: train MAE {total / count:.4f}  val MAE {val_mae:.4f}")
+                    tqdm.write(f"{cfg.model} epoch {epoch}: train MAE {history[-1]['train_mae']:.4f}  val MAE {val_mae:.4f}")
         ranks.barrier()                                  # best.pt is written
         model.load_state_dict(torch.load(best_path, weights_only=False)["model"])
         if ranks.main:
