@@ -456,6 +456,28 @@ def test_metrics_with_nothing_observed_are_nan_not_zero(tmp_path):
     assert math.isfinite(metrics["history"][0]["train_mae"])
 
 
+def test_validate_keeps_or_refuses_values_and_times_it_cannot_hold():
+    """Values past float32's range became inf and complex ones lost their imaginary part, both
+    silently; sub-second steps were cut to seconds and refused as uneven; one sensor (or sensors
+    at one site) failed on a sigma the user never gave. Each is now kept right or refused by key."""
+    base = dict(values=np.ones((10, 3, 1)), adjacency=np.ones((3, 3)))
+    with pytest.raises(ValueError, match="values.*beyond float32's range"):
+        D.validate(base | dict(values=np.full((10, 3, 1), 1e39)))
+    with pytest.raises(ValueError, match="values.*must hold real numbers"):
+        D.validate(base | dict(values=np.ones((10, 3, 1)) * (1 + 5j)))
+    half_seconds = np.datetime64("2024-03-04T00:00", "ms") + np.arange(10) * np.timedelta64(500, "ms")
+    with pytest.raises(ValueError, match="timestamps.*whole seconds apart"):
+        D.validate(base | dict(timestamps=half_seconds))
+    with pytest.raises(ValueError, match="timestamps.*increasing and evenly spaced"):
+        D.validate(base | dict(timestamps=half_seconds[[0, 1, 2, 3, 4, 5, 6, 7, 8, 8]]))
+    with pytest.raises(ValueError, match="timestamps.*datetime64 or integer seconds"):
+        D.validate(base | dict(timestamps=np.array(["2024-03-04"] * 10)))
+    one = D.validate(dict(values=np.ones((10, 1, 1)), coords=np.array([[34.0, -118.0]])))
+    assert one.adjacency.shape == (1, 1)
+    site = D.validate(dict(values=np.ones((10, 3, 1)), coords=np.array([[34.0, -118.0]] * 3)))
+    assert site.adjacency.nnz == 6                           # co-located sensors: all joined
+
+
 def test_cli_trains_on_a_user_file(tmp_path, capsys):
     path = tmp_path / "mine.npz"
     D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)

@@ -87,7 +87,10 @@ def validate(arrays: dict, name: str = "data") -> SeriesData:
     """Check an in-memory version of the format and build a `SeriesData`; ValueError names the key."""
     if "values" not in arrays:
         _fail("values", "missing (the [T, N, C] series is required)")
-    values = np.asarray(arrays["values"], dtype=np.float64)
+    values = np.asarray(arrays["values"])
+    if np.iscomplexobj(values) or not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
+        _fail("values", f"must hold real numbers, got dtype {values.dtype}")
+    values = values.astype(np.float64)
     if values.ndim == 2:
         values = values[:, :, None]
     if values.ndim != 3 or min(values.shape) < 1:
@@ -103,6 +106,9 @@ def validate(arrays: dict, name: str = "data") -> SeriesData:
     bad = ~np.isfinite(values) & mask
     if bad.any():
         _fail("values", f"{int(bad.sum())} NaN/inf entries where mask says observed; set mask=False there")
+    too_big = (np.abs(values) > np.finfo(np.float32).max) & mask      # they are kept as float32
+    if too_big.any():
+        _fail("values", f"{int(too_big.sum())} entries beyond float32's range (3.4e38); rescale them")
     values = np.where(mask, values, 0.0)
 
     timestamps = None
@@ -110,11 +116,16 @@ def validate(arrays: dict, name: str = "data") -> SeriesData:
         ts = np.asarray(arrays["timestamps"])
         if ts.shape != (T,):
             _fail("timestamps", f"must be [T] = [{T}], got shape {ts.shape}")
-        ts = ts.astype("datetime64[s]") if np.issubdtype(ts.dtype, np.datetime64) else ts.astype("int64").astype("datetime64[s]")
-        steps = np.diff(ts).astype(np.int64)
+        if np.issubdtype(ts.dtype, np.integer):
+            ts = ts.astype("int64").astype("datetime64[s]")
+        elif not np.issubdtype(ts.dtype, np.datetime64):
+            _fail("timestamps", f"must be datetime64 or integer seconds since 1970, got dtype {ts.dtype}")
+        steps = np.diff(ts.astype("datetime64[ns]")).astype(np.int64)        # checked before any rounding
         if T > 1 and (steps[0] <= 0 or np.any(steps != steps[0])):
             _fail("timestamps", "must be increasing and evenly spaced")
-        timestamps = ts
+        if T > 1 and steps[0] % 10**9:
+            _fail("timestamps", f"must be whole seconds apart (the format keeps seconds), got steps of {steps[0]} ns")
+        timestamps = ts.astype("datetime64[s]")
 
     coords = None
     if "coords" in arrays:

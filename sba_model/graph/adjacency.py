@@ -143,7 +143,8 @@ def gaussian_kernel_adjacency(distances, sigma: Optional[float] = None, threshol
 
     Args:
         distances: ``[N, N]`` dense distances (``inf`` or ``nan`` = unreachable).
-        sigma: kernel width; default the standard deviation of the finite distances.
+        sigma: kernel width; default the standard deviation of the finite distances (1 where they
+            do not spread: all equal, or none finite).
         threshold: weights below it are dropped (sparsifies the graph).
 
     Returns:
@@ -156,8 +157,10 @@ def gaussian_kernel_adjacency(distances, sigma: Optional[float] = None, threshol
     if np.any(d[finite] < 0):
         raise ValueError("distances must be >= 0")
     if sigma is None:
-        sigma = float(d[finite].std())
-    if not sigma > 0:
+        spread = float(d[finite].std()) if finite.any() else 0.0
+        # All distances equal (one site, or one sensor) or none finite: no spread to scale by.
+        sigma = spread if spread > 0 else 1.0
+    elif not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     w = np.where(finite, np.exp(-np.square(np.where(finite, d, 0.0) / sigma)), 0.0)
     w[w < threshold] = 0.0
