@@ -182,6 +182,43 @@ def test_layers_name_a_bad_x(layer):
         module(torch.zeros(2, 120, 16, dtype=torch.long))
 
 
+def test_a_state_dict_loads_only_into_the_same_node_order():
+    """Partitions are not in a state dict, only the node order they gave (`perm`): a checkpoint of
+    a model with other subgraphs loaded "with all keys matched", its weights then meeting other
+    sensors' subgraphs. Refused by name; a rebuild from the same graph and parts loads."""
+    adj = _graph()
+    kw = dict(in_steps=4, in_channels=1, out_steps=2, out_channels=1, dim=16, num_heads=2)
+    torch.manual_seed(0)
+    model = SBATransformer.from_graph(adj, [6, 2], **kw)
+    rebuilt = SBATransformer.from_graph(adj, [6, 2], **kw)
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4, 120, 1)
+    assert torch.equal(model.eval()(x), rebuilt.eval()(x))
+    other = SBATransformer.from_graph(adj, [5, 2], **kw)
+    assert not torch.equal(other.perm, model.perm)
+    with pytest.raises(ValueError, match="state_dict: its model was built with another node order"):
+        other.load_state_dict(model.state_dict())
+
+
+def test_model_and_inter_attention_name_bad_inputs():
+    model = SBATransformer.from_graph(_graph(), [6, 2], in_steps=4, in_channels=1, out_steps=2, out_channels=1,
+                                      dim=16, num_heads=2)
+    with pytest.raises(ValueError, match=r"x must be \[B >= 1, 4, 120, 1\], got \(0, 4, 120, 1\)"):
+        model(torch.randn(0, 4, 120, 1))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        model(torch.ones(1, 4, 120, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        model(np.ones((1, 4, 120, 1), np.float32))
+    with pytest.raises(TypeError, match="perm must hold integer node ids"):
+        SBATransformer(120, 4, 1, 2, 1, [partition_graph(_graph(), 4)], dim=16, num_heads=2,
+                       perm=torch.arange(120) + 0.5)
+    inter = InterAttention(16, 2)
+    assert inter(torch.randn(1, 5, 16)).shape == (1, 5, 16)
+    for bad in (torch.randn(1, 5, 8), torch.randn(5, 16)):
+        with pytest.raises(ValueError, match=r"z must be a \[B, P, D=16\] tensor"):
+            inter(bad)
+
+
 def test_module_to_moves_partition():
     part = partition_graph(_graph(), 4)
     layer = SBAttention(16, 2, part).to("meta")

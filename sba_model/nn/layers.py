@@ -204,6 +204,10 @@ class InterAttention(_HoldsPartition):
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z ``[B, P, D]`` pooled tokens -> ``[B, P, D]``."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[2] != self.qkv.in_features:
+            raise ValueError(f"z must be a [B, P, D={self.qkv.in_features}] tensor, got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
         B, P, D = z.shape
         if self.levels and P != self.levels[0].num_nodes:
             raise ValueError(f"z must be [B, P={self.levels[0].num_nodes}, D] to match levels[0], got {tuple(z.shape)}")

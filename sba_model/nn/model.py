@@ -116,7 +116,10 @@ class SBATransformer(nn.Module):
             if table is not None:
                 nn.init.normal_(table.weight, std=0.02)
         if perm is not None:
-            perm = torch.as_tensor(perm).long()
+            perm = torch.as_tensor(perm)
+            if perm.dtype.is_floating_point or perm.dtype == torch.bool:
+                raise TypeError(f"perm must hold integer node ids, got dtype {perm.dtype}")
+            perm = perm.long()
             if perm.shape != (num_nodes,) or not torch.equal(perm.sort().values, torch.arange(num_nodes)):
                 raise ValueError(f"perm must be a permutation of range({num_nodes})")
             self.register_buffer("perm", perm)
@@ -163,14 +166,28 @@ class SBATransformer(nn.Module):
                    perm=perm, adjacency=internal if graph_bias else None, inter_threshold=inter_threshold,
                    inter_levels=levels, **kwargs)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The partitions are not in a state dict, only the node order they gave: weights trained
+        # under another order would load "with all keys matched" into subgraphs of other sensors.
+        theirs = state_dict.get(prefix + "perm")
+        if self.perm is not None and theirs is not None and not torch.equal(theirs.to(self.perm.device), self.perm):
+            raise ValueError("state_dict: its model was built with another node order (other partitions of "
+                             "the graph); build this one from the same graph, parts and max_size, with the "
+                             "same METIS")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None,
                 dow: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x ``[B, T_in, N, C]``; tod, dow ``[B]`` long of the last input step (when enabled).
         Returns ``[B, T_out, N, C_out]``."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_steps, self.num_nodes, self.in_channels):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_steps, self.num_nodes, self.in_channels) or not len(x):
             raise ValueError(
-                f"x must be [B, {self.in_steps}, {self.num_nodes}, {self.in_channels}], got {tuple(x.shape)}"
+                f"x must be [B >= 1, {self.in_steps}, {self.num_nodes}, {self.in_channels}], got {tuple(x.shape)}"
             )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if self.perm is not None:
             x = x[:, :, self.perm]
         y = self.forward_nodes(x, tod, dow)
