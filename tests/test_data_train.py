@@ -260,6 +260,23 @@ def test_every_model_maps_the_shapes(name):
         assert not dead, f"parameters the loss never reaches: {dead}"
 
 
+def test_parts_fit_small_graphs_and_spatial_takes_what_it_can_shard(tmp_path):
+    """The default parts (16, 4) on 3 sensors were capped to [3, 3] and then refused as not
+    decreasing; now [3, 2], as many layers. `--parallel spatial` names the models it can shard
+    (two ablations keep the user's node order) before anything runs."""
+    assert zoo.fit_parts([16, 4], 3) == [3, 2] and zoo.fit_parts([16, 4], 40) == [16, 4]
+    assert zoo.fit_parts([300, 250], 207) == [207, 206]
+    with pytest.raises(ValueError, match="parts: 3 layers need at least 3 sensors"):
+        zoo.fit_parts([8, 4, 2], 2)
+    triangle = np.ones((3, 3)) - np.eye(3)
+    for name in ("sba", "sba_no_multiscale", "sba_random_part", "full_attention"):
+        model = zoo.build(name, triangle, zoo.Shape(3, 2, 1, 1, None), parts=[16, 4], dim=16, num_heads=2)
+        assert model(torch.randn(2, 2, 3, 1)).shape == (2, 1, 3, 1)
+    assert set(zoo.SPATIAL_VARIANTS) < set(zoo.SBA_VARIANTS)
+    with pytest.raises(ValueError, match="parallel='spatial' shards models .* got model='sba_random_part'"):
+        train.run(train.TrainConfig(model="sba_random_part", parallel="spatial", run_dir=str(tmp_path / "r")))
+
+
 @pytest.mark.parametrize("name", ["sba", "full_attention", "gru", "stid"])
 def test_residual_models_start_from_the_last_value(name):
     """With a zeroed output head, a residual model predicts exactly the last input step."""

@@ -301,7 +301,7 @@ def _parallel_model(model, ranks: Ranks, device):
     `DistributedDataParallel`. Sets ``ranks.nodes`` (the rank's sensors) for spatial."""
     if ranks.parallel == "spatial":
         if not isinstance(model, SBATransformer):
-            raise ValueError(f"parallel='spatial' needs an SBA model (one of {zoo.SBA_VARIANTS}), got a "
+            raise ValueError(f"parallel='spatial' needs an SBA model (one of {zoo.SPATIAL_VARIANTS}), got a "
                              f"{type(model).__name__}")
         shard = SpatialShard(model, plan_spatial([b.partition for b in model.blocks], ranks.world), ranks.rank)
         ranks.nodes = shard.user_nodes
@@ -382,6 +382,9 @@ def load_run(run_dir, device: str = "cpu") -> tuple[TrainConfig, Setup]:
 def run(cfg: TrainConfig) -> dict:
     """Train (when the model has weights), pick the best validation epoch, test. Returns the
     metrics dict, which rank 0 also writes to ``metrics.json``."""
+    if cfg.parallel == "spatial" and cfg.model not in zoo.SPATIAL_VARIANTS:
+        raise ValueError(f"parallel='spatial' shards models whose subgraphs nest in the model's node order, one of "
+                         f"{zoo.SPATIAL_VARIANTS}; got model={cfg.model!r}")
     run_dir = Path(cfg.run_dir or f"runs/{Path(cfg.data).stem}-{cfg.model}")
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     earlier = [name for name in RUN_FILES if (run_dir / name).exists()]

@@ -19,6 +19,7 @@ Baselines:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,10 +31,26 @@ from ..nn.model import SBATransformer, time_embedding
 from ..graph.partitioning import multiscale_partitions, partition_graph
 from ..graph.pe import laplacian_pe
 
-# Every model built as an SBATransformer over a METIS-sized partition: what `--parallel spatial` accepts.
+# Every model built as an SBATransformer over a METIS-sized partition.
 SBA_VARIANTS = ("sba", "sba_no_inter", "sba_no_multiscale", "sba_no_pe", "sba_random_part", "sba_node_id")
+# Those whose subgraphs nest, level in level, in the model's node order: what `--parallel spatial`
+# can shard (the other two ablations keep the user's order, in which subgraphs are not runs).
+SPATIAL_VARIANTS = ("sba", "sba_no_inter", "sba_no_pe", "sba_node_id")
 BASELINES = ("historical_average", "last_value", "gru", "stid", "full_attention")
 MODELS = SBA_VARIANTS + BASELINES
+
+
+def fit_parts(parts: Sequence[int], num_nodes: int) -> list[int]:
+    """``parts`` (subgraphs per layer, decreasing) capped for a graph of ``num_nodes``: each at
+    most N and below the one before it, so the layers stay as many and strictly decreasing
+    (the defaults 16 and 4 on 3 sensors: 3 and 2)."""
+    fitted, above = [], num_nodes + 1
+    for p in parts:
+        above = min(p, above - 1)
+        fitted.append(above)
+    if fitted and fitted[-1] < 1:
+        raise ValueError(f"parts: {len(parts)} layers need at least {len(parts)} sensors, the data have {num_nodes}")
+    return fitted
 
 
 @dataclass
@@ -164,7 +181,7 @@ def build(name: str, adjacency, shape: Shape, *, parts, dim: int = 64, num_heads
                   out_channels=shape.channels, dim=dim, num_heads=num_heads, dropout=dropout, backend=backend,
                   steps_per_day=shape.steps_per_day, day_of_week=shape.day_of_week,
                   last_value_residual=last_value_residual)
-    parts = [min(p, shape.num_nodes) for p in parts]
+    parts = fit_parts(parts, shape.num_nodes)
     if name in ("sba", "sba_no_inter", "sba_no_pe", "sba_node_id"):
         return SBATransformer.from_graph(adjacency, parts, pe_dim=0 if name == "sba_no_pe" else pe_dim, seed=seed,
                                          inter=name != "sba_no_inter", node_embedding=name == "sba_node_id",
