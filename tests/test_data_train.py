@@ -495,6 +495,22 @@ def test_validate_keeps_or_refuses_values_and_times_it_cannot_hold():
     assert site.adjacency.nnz == 6                           # co-located sensors: all joined
 
 
+def test_load_run_finds_a_relative_data_file_from_another_folder(tmp_path, monkeypatch):
+    """config.json keeps --data as typed; a relative file name was then looked up from wherever
+    load_run (or error_map) ran: not found, or, worse, another file of that name used."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), tmp_path / "here" / "mine.npz")
+    D.save_npz(D.validate(_arrays(T=240, N=16, C=1, seed=9)), tmp_path / "elsewhere" / "mine.npz")  # a decoy
+    monkeypatch.chdir(tmp_path / "here")
+    train.run(_cfg(tmp_path, "mine.npz", epochs=1))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg, setup = train.load_run(tmp_path / "run")
+    assert cfg.data == "mine.npz"
+    expected = D.load_npz(tmp_path / "here" / "mine.npz").values
+    assert np.array_equal(setup.series.values, expected)
+
+
 def test_cli_trains_on_a_user_file(tmp_path, capsys):
     path = tmp_path / "mine.npz"
     D.save_npz(D.validate(_arrays(T=240, N=16, C=1)), path)

@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -370,7 +370,8 @@ def load_run(run_dir, device: str = "cpu") -> tuple[TrainConfig, Setup]:
     saved = json.loads((run_dir / "config.json").read_text())
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known and k != "run_dir"}, run_dir=str(run_dir))
-    setup = prepare(cfg)
+    # A data file named relative to where the run was started: the absolute path it had then.
+    setup = prepare(replace(cfg, data=saved.get("data_file", cfg.data)))
     if any(p.requires_grad for p in setup.model.parameters()):
         if not (run_dir / "best.pt").is_file():
             raise ValueError(f"run_dir: no best.pt in {run_dir} (the run has not finished an epoch)")
@@ -412,9 +413,11 @@ def run(cfg: TrainConfig) -> dict:
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in HOW_IT_RAN}
     settings.update(out_steps=out_steps, horizons=horizons, world_size=ranks.world)
+    if Path(cfg.data).is_file():          # for `load_run` from another folder (`data` stays as typed)
+        settings["data_file"] = str(Path(cfg.data).resolve())
     if resuming:
         saved_cfg = json.loads((run_dir / "config.json").read_text())
-        changed = {k for k in settings if k not in ("epochs", "run_dir") and saved_cfg.get(k) != settings[k]}
+        changed = {k for k in settings if k not in ("epochs", "run_dir", "data_file") and saved_cfg.get(k) != settings[k]}
         if changed:
             raise ValueError(f"resume: the run in {run_dir} used other settings for {sorted(changed)}")
     ranks.barrier()                                      # every rank has read config.json
