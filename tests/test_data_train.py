@@ -411,6 +411,12 @@ def test_a_new_run_never_writes_over_an_earlier_one(tmp_path):
     (run / "last.pt").unlink()                  # killed between writing best.pt and last.pt, say
     with pytest.raises(ValueError, match=r"resume: .* holds no last.pt to continue from, but an earlier run's best.pt"):
         train.run(_cfg(tmp_path, path, epochs=1, dim=8, resume=True))
+    train.run(_cfg(tmp_path, path, epochs=1, dim=8, overwrite=True))
+    (run / "config.json").unlink()
+    with pytest.raises(ValueError, match="resume: .* holds last.pt but no config.json"):
+        train.run(_cfg(tmp_path, path, epochs=1, dim=8, resume=True))
+    with pytest.raises(ValueError, match="path must end in .npz"):
+        D.save_npz(D.validate(_arrays(T=20, N=4, C=1)), tmp_path / "no_suffix")
 
 
 def test_step_counts_must_be_positive(tmp_path, capsys):

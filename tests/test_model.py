@@ -212,6 +212,12 @@ def test_model_and_inter_attention_name_bad_inputs():
     with pytest.raises(TypeError, match="perm must hold integer node ids"):
         SBATransformer(120, 4, 1, 2, 1, [partition_graph(_graph(), 4)], dim=16, num_heads=2,
                        perm=torch.arange(120) + 0.5)
+    part = partition_graph(_graph(), 4)
+    for name, args in (("in_steps", (120, 0, 1, 2, 1)), ("out_steps", (120, 4, 1, 0, 1)), ("in_channels", (120, 4, True, 2, 1))):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            SBATransformer(*args, [part], dim=16, num_heads=2)
+    pe = np.random.default_rng(0).random((120, 3))
+    assert torch.equal(SBATransformer(120, 4, 1, 2, 1, [part], dim=16, num_heads=2, pe=pe).pe, torch.as_tensor(pe).float())
     inter = InterAttention(16, 2)
     assert inter(torch.randn(1, 5, 16)).shape == (1, 5, 16)
     for bad in (torch.randn(1, 5, 8), torch.randn(5, 16)):

@@ -160,6 +160,8 @@ def load_npz(path) -> SeriesData:
 def save_npz(data: SeriesData, path) -> None:
     """Write ``data`` in the format (atomically: a temporary file, then a rename)."""
     path = Path(path)
+    if path.suffix != ".npz":             # what `load` reads as a file, not a dataset name
+        raise ValueError(f"path must end in .npz, got {path}")
     tmp = path.with_name(path.name + ".tmp.npz")
     arrays = dict(values=data.values, mask=data.mask, adjacency=data.adjacency.toarray())
     if data.timestamps is not None:

@@ -416,6 +416,8 @@ def run(cfg: TrainConfig) -> dict:
     if Path(cfg.data).is_file():          # for `load_run` from another folder (`data` stays as typed)
         settings["data_file"] = str(Path(cfg.data).resolve())
     if resuming:
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(f"resume: {run_dir} holds last.pt but no config.json to check the settings against")
         saved_cfg = json.loads((run_dir / "config.json").read_text())
         changed = {k for k in settings if k not in ("epochs", "run_dir", "data_file") and saved_cfg.get(k) != settings[k]}
         if changed:

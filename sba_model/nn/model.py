@@ -82,6 +82,10 @@ class SBATransformer(nn.Module):
                  last_value_residual: bool = False, node_embedding: bool = False,
                  inter_threshold: int = INTER_THRESHOLD, inter_levels: Optional[Sequence[Sequence[Partition]]] = None):
         super().__init__()
+        for name, count in (("num_nodes", num_nodes), ("in_steps", in_steps), ("in_channels", in_channels),
+                            ("out_steps", out_steps), ("out_channels", out_channels)):
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+                raise ValueError(f"{name} must be a positive int, got {count!r}")
         if last_value_residual and out_channels > in_channels:
             raise ValueError("last_value_residual needs out_channels <= in_channels")
         self.last_value_residual = last_value_residual
@@ -95,6 +99,7 @@ class SBATransformer(nn.Module):
         self.embed = nn.Linear(in_steps * in_channels, dim)
         self.pe_generator: Optional[torch.Generator] = None
         if pe is not None:
+            pe = torch.as_tensor(pe)                  # a numpy array from the user's own PE
             if pe.dim() != 2 or pe.shape[0] != num_nodes:
                 raise ValueError(f"pe must be [N={num_nodes}, k], got {tuple(pe.shape)}")
             self.register_buffer("pe", pe.float())
