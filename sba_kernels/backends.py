@@ -145,8 +145,8 @@ def choose(backend: str, x: Tensor, bias: Optional[Tensor] = None) -> Backend:
         candidate = get(name)
         if x.device.type in candidate.auto_devices and candidate.supports(x, bias) is None:
             return candidate
-    raise ValueError(f"no registered backend runs {x.dtype} tensors on {x.device}: "
-                     + "; ".join(f"{n}: {get(n).supports(x, bias)}" for n in _MODULES))
+    raise ValueError(f"no registered backend runs {x.dtype} tensors on {x.device}: " + "; ".join(
+        f"{n}: {get(n).supports(x, bias) or f'auto picks it for {get(n).auto_devices} tensors only'}" for n in _MODULES))
 
 
 def available_backends() -> list[str]:

@@ -21,6 +21,15 @@ def test_auto_picks_the_first_backend_for_the_device_that_supports_the_input():
     assert "triton" not in [backends.choose("auto", q.to(t)).name for t in (torch.float32, torch.float16)]
 
 
+def test_auto_says_why_each_backend_was_passed_by():
+    """On a device no backend is auto for, every backend gets a reason (the ones that supported
+    the input read "None" before)."""
+    q = torch.zeros(1, 5, 2, 16, device="meta")
+    with pytest.raises(ValueError, match="no registered backend runs") as err:
+        backends.choose("auto", q)
+    assert "None" not in str(err.value) and "torch: auto picks it for ('cpu', 'cuda') tensors only" in str(err.value)
+
+
 def test_unknown_and_missing_backends_say_why():
     q, part = _inputs(torch.float32)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
