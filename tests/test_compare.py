@@ -117,6 +117,9 @@ def test_resume_reads_back_finished_runs_and_retrains_changed_ones(tmp_path, mon
     assert _rows(out.read_text())["stid"][-1] == "234"                             # mean training seconds
     assert "training time summed over all 2 runs 1235 s." in out.read_text()
     assert "(2 of 2 runs read back from an earlier call, --resume)" in out.read_text()
+    monkeypatch.chdir(tmp_path)                     # the same folders, spelled another way: still read back
+    compare.main([a if a != str(runs) else "runs" for a in args] + ["--resume"])
+    assert trained == []
     three = [a if a != "2" else "3" for a in args] + ["--resume"]            # --epochs 3: other runs, trained afresh
     compare.main(three)
     assert trained == [("last_value", 3, False), ("stid", 3, False)] and "read back" not in out.read_text()
@@ -134,3 +137,16 @@ def test_resume_reads_back_finished_runs_and_retrains_changed_ones(tmp_path, mon
     trained.clear()
     compare.main([a if a != "3" else "4" for a in three])
     assert trained == [("last_value", 4, True), ("stid", 4, False)]
+
+
+def test_cli_refuses_bad_counts_and_outputs_before_training(tmp_path, capsys):
+    for bad, says in ((["--epochs", "0"], "--epochs, --patience and --batch-size must be >= 1"),
+                      (["--batch-size", "-3"], "--epochs, --patience and --batch-size must be >= 1"),
+                      (["--out", str(tmp_path)], "--out must be a file"),
+                      (["--out", str(tmp_path / "table.md" / "x.md")], None)):
+        if says is None:
+            (tmp_path / "table.md").write_text("a file")
+            says = "a parent of"
+        with pytest.raises(SystemExit):
+            compare.parse_args(["--models", "last_value", *bad])
+        assert says in capsys.readouterr().err

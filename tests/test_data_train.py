@@ -265,9 +265,16 @@ def test_parts_fit_small_graphs_and_spatial_takes_what_it_can_shard(tmp_path):
     decreasing; now [3, 2], as many layers. `--parallel spatial` names the models it can shard
     (two ablations keep the user's node order) before anything runs."""
     assert zoo.fit_parts([16, 4], 3) == [3, 2] and zoo.fit_parts([16, 4], 40) == [16, 4]
-    assert zoo.fit_parts([300, 250], 207) == [207, 206]
+    assert zoo.fit_parts([300, 250], 207) == [207, 206] and zoo.fit_parts([16, 15], 120) == [16, 15]
     with pytest.raises(ValueError, match="parts: 3 layers need at least 3 sensors"):
         zoo.fit_parts([8, 4, 2], 2)
+    for wrong in ([4, 8], [16, 16]):                 # refused as given, not rewritten to [4, 3] / [16, 15]
+        with pytest.raises(ValueError, match="parts must be strictly decreasing"):
+            zoo.fit_parts(wrong, 120)
+    with pytest.raises(ValueError, match="parts must be positive ints"):
+        zoo.fit_parts([16, 0], 120)
+    with pytest.raises(ValueError, match="epochs, batch_size and patience must be >= 1"):
+        train.run(train.TrainConfig(epochs=0, run_dir=str(tmp_path / "e")))
     triangle = np.ones((3, 3)) - np.eye(3)
     for name in ("sba", "sba_no_multiscale", "sba_random_part", "full_attention"):
         model = zoo.build(name, triangle, zoo.Shape(3, 2, 1, 1, None), parts=[16, 4], dim=16, num_heads=2)

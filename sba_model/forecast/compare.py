@@ -168,6 +168,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag} must not repeat a value, got {values}")
     if min(a.seeds) < 0:
         p.error(f"--seeds must be >= 0 (numpy's seeds are), got {a.seeds}")
+    if min(a.epochs, a.patience, a.batch_size) < 1:
+        p.error("--epochs, --patience and --batch-size must be >= 1")
+    for target in [t for t in (a.out,) if t is not None]:      # checked before hours of training, not after
+        if target.is_dir():
+            p.error(f"--out must be a file, {target} is a folder")
+        if any(parent.exists() and not parent.is_dir() for parent in target.parents):
+            p.error(f"--out: a parent of {target} is a file")
     return a
 
 
@@ -179,7 +186,9 @@ def same_settings(cfg: train.TrainConfig) -> bool:
         saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in train.HOW_IT_RAN}))
+    # Not run_dir: the folder read is the run's, however its path was spelled (train's own
+    # resume check leaves it out too); a mismatch here retrains, over the finished run.
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in (*train.HOW_IT_RAN, "run_dir")}))
     return all(v is None or saved.get(k) == v for k, v in wanted.items())
 
 

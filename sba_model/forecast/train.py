@@ -383,6 +383,9 @@ def load_run(run_dir, device: str = "cpu") -> tuple[TrainConfig, Setup]:
 def run(cfg: TrainConfig) -> dict:
     """Train (when the model has weights), pick the best validation epoch, test. Returns the
     metrics dict, which rank 0 also writes to ``metrics.json``."""
+    if min(cfg.epochs, cfg.batch_size, cfg.patience) < 1:     # the CLI says so too; callers like compare don't
+        raise ValueError(f"epochs, batch_size and patience must be >= 1, got {cfg.epochs}, {cfg.batch_size}, "
+                         f"{cfg.patience}")
     if cfg.parallel == "spatial" and cfg.model not in zoo.SPATIAL_VARIANTS:
         raise ValueError(f"parallel='spatial' shards models whose subgraphs nest in the model's node order, one of "
                          f"{zoo.SPATIAL_VARIANTS}; got model={cfg.model!r}")

@@ -41,16 +41,17 @@ MODELS = SBA_VARIANTS + BASELINES
 
 
 def fit_parts(parts: Sequence[int], num_nodes: int) -> list[int]:
-    """``parts`` (subgraphs per layer, decreasing) capped for a graph of ``num_nodes``: each at
-    most N and below the one before it, so the layers stay as many and strictly decreasing
-    (the defaults 16 and 4 on 3 sensors: 3 and 2)."""
-    fitted, above = [], num_nodes + 1
-    for p in parts:
-        above = min(p, above - 1)
-        fitted.append(above)
-    if fitted and fitted[-1] < 1:
+    """``parts`` (subgraphs per layer, strictly decreasing, as given) capped for a graph of
+    ``num_nodes``: layer ``i`` at ``N - i``, so the layers stay as many and strictly decreasing
+    (the defaults 16 and 4 on 3 sensors: 3 and 2). Parts out of order are refused, not fixed."""
+    parts = list(parts)
+    if not parts or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in parts):
+        raise ValueError(f"parts must be positive ints, one per layer, got {parts}")
+    if any(a <= b for a, b in zip(parts, parts[1:])):
+        raise ValueError(f"parts must be strictly decreasing (finest level first), got {parts}")
+    if len(parts) > num_nodes:
         raise ValueError(f"parts: {len(parts)} layers need at least {len(parts)} sensors, the data have {num_nodes}")
-    return fitted
+    return [min(p, num_nodes - i) for i, p in enumerate(parts)]
 
 
 @dataclass
