@@ -78,12 +78,14 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=100, help="calls per round (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     args = p.parse_args(argv)
+    if args.n < 130 or args.calls < 1:           # 130: two subgraphs of 64 and a k-NN graph of k < N
+        p.error(f"--n must be >= 130 and --calls >= 1, got {args.n} and {args.calls}")
     triton_backend._launch = lambda kernel, grid, *a, **meta: None
     row = measure(args.n, args.calls)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     lines = ["# Host time per intra_attention call, triton backend, launches stubbed (not a GPU timing)", "",
-             f"`python bench/host_time.py --n {args.n}`: fp16, B = 1, H = 8, d = 64, N = {args.n:,}; "
+             f"`python bench/host_time.py --n {args.n} --calls {args.calls}`: fp16, B = 1, H = 8, d = 64, N = {args.n:,}; "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              f"commit {commit}; median of 5 rounds.", "", "| path | microseconds per call |", "| --- | ---: |"]
     lines += [f"| {name} | {us:.0f} |" for name, us in row.items()]

@@ -47,7 +47,7 @@ import measure  # noqa: E402
 import methods  # noqa: E402
 from workload import Config, build_layout, build_runs_layout, make_inputs  # noqa: E402
 
-from sba_kernels import Partition  # noqa: E402
+from sba_kernels import Partition, backends  # noqa: E402
 
 CPU_NS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 LARGE_NS = [65536, 131072, 262144, 524288, 1_048_576]
@@ -403,10 +403,27 @@ def parse_args(argv=None):
     if args.cuda_graph and not gpu:
         p.error("--cuda-graph: CUDA graphs need --device cuda")
     args.device = device
+    positive = {"--batch": args.batch, "--heads": args.heads, "--head-dim": args.head_dim,
+                "--subgraph-size": args.subgraph_size, "--budget": args.budget, "--max-call-s": args.max_call_s,
+                "--point-timeout": args.point_timeout, "--threads": args.threads}
+    bad = [f"{flag} {value}" for flag, value in positive.items() if value is not None and not value > 0]
+    if bad:                                # 0 read as "the default" before (`x or default`), or divided by
+        p.error(f"must be > 0: {', '.join(bad)}")
+    if args.methods:                       # a misspelt name was dropped without a word
+        known = methods.registry(device)
+        # A method of a registered backend that does not run here (the cuda extension unbuilt,
+        # say) is left out with a note; any other name is a typo.
+        elsewhere = [m for m in args.methods if m not in known and m.endswith("]")
+                     and m[m.rfind("[") + 1:-1] in backends.names()]
+        unknown = [m for m in args.methods if m not in known and m not in elsewhere]
+        if unknown:
+            p.error(f"--methods: {unknown} not among the methods on {device}: {sorted(known)}")
+        if elsewhere:
+            print(f"left out, their backends do not run here: {elsewhere}")
     if args.large:
-        backends = [b for b in methods.registry(device) if b.startswith("intra[")]
+        intra_methods = [b for b in methods.registry(device) if b.startswith("intra[")]
         args.n = args.n or LARGE_NS
-        args.methods = args.methods or [m.format(b=b[len("intra["):-1]) for b in backends for m in LARGE_METHODS]
+        args.methods = args.methods or [m.format(b=b[len("intra["):-1]) for b in intra_methods for m in LARGE_METHODS]
         args.max_call_s = args.max_call_s or 60.0
         args.point_timeout = args.point_timeout or 900.0
         args.out = args.out or Path(__file__).parent / "results" / f"scaling-{device}-large"

@@ -105,6 +105,29 @@ def test_gpu_check_starts_no_stage_past_its_deadline(tmp_path):
     assert run.returncode == 1
 
 
+def test_bench_scripts_refuse_bad_arguments_by_name(capsys):
+    """scaling.py dropped a misspelt --methods name without a word (an empty sweep replaced the
+    results), read 0 as "the default" and divided by a 0 subgraph size; host_time.py printed
+    "-0" microseconds for --calls -2."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import host_time
+    from scaling import parse_args
+
+    for argv, says in ((["--methods", "intra[torch]", "bogus"], "--methods: ['bogus'] not among the methods on cpu"),
+                       (["--heads", "0"], "must be > 0: --heads 0"),
+                       (["--subgraph-size", "0", "--budget", "-1"], "must be > 0: --subgraph-size 0, --budget -1.0")):
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cpu", "--n", "512", *argv])
+        assert says in capsys.readouterr().err
+    # A registered backend that is never timed on the CPU (triton): left out with a note, not refused.
+    assert parse_args(["--device", "cpu", "--n", "512", "--methods", "intra[torch]", "intra[triton]"]).methods
+    assert "left out, their backends do not run here: ['intra[triton]']" in capsys.readouterr().out
+    for argv in (["--calls", "0"], ["--calls", "-2"], ["--n", "1"]):
+        with pytest.raises(SystemExit):
+            host_time.main(argv)
+        assert "--n must be >= 130 and --calls >= 1" in capsys.readouterr().err
+
+
 def test_seed_summary_means_and_spreads(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     from seed_summary import main
