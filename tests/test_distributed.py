@@ -143,6 +143,12 @@ def test_plan_and_local_partitions_cover_every_level():
             assert q.num_nodes == nodes.stop - nodes.start
             back = torch.where(q.index >= 0, q.index + nodes.start, q.index)
             assert torch.equal(back, p.index[plan.parts(level, r), : q.max_size])
+    assert sd.plan_spatial(parts, np.int64(WORLD)) == plan
+    for bad_level, bad_rank, says in ((len(parts), 0, "level must be in"), (0, WORLD, "rank must be in"),
+                                      (0, True, "rank must be in"), (1, 0, "is not level 1 of plan")):
+        partition = parts[0]                       # level 0's partition: at level 1 it is the wrong one
+        with pytest.raises(ValueError, match=says):
+            sd.local_partition(partition, plan, bad_level, bad_rank)
 
 
 def test_plan_rejects_partitions_that_are_not_nested_runs():
@@ -163,8 +169,9 @@ def test_plan_rejects_partitions_that_are_not_nested_runs():
 def test_shard_rejects_bad_arguments():
     model = _model()
     plan = sd.plan_spatial([b.partition for b in model.blocks], WORLD)
-    with pytest.raises(ValueError, match="rank must be in 0..1"):
-        sd.SpatialShard(model, plan, 2)
+    for bad in (2, 0.0, True):
+        with pytest.raises(ValueError, match="rank must be an int in 0..1"):
+            sd.SpatialShard(model, plan, bad)
     with pytest.raises(TypeError, match="model must be an SBATransformer"):
         sd.SpatialShard(torch.nn.Linear(2, 2), plan, 0)
     with pytest.raises(ValueError, match="plan must be a SpatialPlan with one level per block"):

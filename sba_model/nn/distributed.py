@@ -27,6 +27,7 @@ activations and the graph-bias blocks are held only for the rank's own nodes.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -52,8 +53,9 @@ def balanced_bounds(sizes: Sequence[int], world_size: int) -> list[int]:
     search on the largest total; for a candidate, greedy filling tells whether it fits.
     """
     sizes = [int(s) for s in sizes]
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+    if not isinstance(world_size, numbers.Integral) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    world_size = int(world_size)
     if len(sizes) < world_size:
         raise ValueError(f"world_size={world_size} ranks need at least as many coarsest-level subgraphs, "
                          f"got {len(sizes)}")
@@ -163,6 +165,15 @@ def plan_spatial(partitions: Sequence[Partition], world_size: int) -> SpatialPla
 def local_partition(partition: Partition, plan: SpatialPlan, level: int, rank: int) -> Partition:
     """Rank ``rank``'s subgraphs of ``partition`` (level ``level`` of ``plan``) over its own
     nodes, renumbered from 0: ``index`` ``[P_r, M_r]``, M_r its own largest subgraph."""
+    if not isinstance(plan, SpatialPlan):
+        raise TypeError(f"plan must be a SpatialPlan, got {type(plan).__name__}")
+    if not (isinstance(level, numbers.Integral) and 0 <= level < len(plan.part_bounds)):
+        raise ValueError(f"level must be in 0..{len(plan.part_bounds) - 1}, got {level!r}")
+    if not (isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and 0 <= rank < plan.world_size):
+        raise ValueError(f"rank must be in 0..{plan.world_size - 1}, got {rank!r}")
+    if partition.num_nodes != plan.node_bounds[-1] or partition.num_parts != plan.part_bounds[level][-1]:
+        raise ValueError(f"partition ({partition.num_nodes} nodes, {partition.num_parts} subgraphs) is not level "
+                         f"{level} of plan ({plan.node_bounds[-1]} nodes, {plan.part_bounds[level][-1]} subgraphs)")
     parts, nodes = plan.parts(level, rank), plan.nodes(rank)
     lengths = partition.lengths[parts]
     index = partition.index[parts, : int(lengths.max())]
@@ -219,8 +230,8 @@ class SpatialShard(nn.Module):
             raise TypeError(f"model must be an SBATransformer, got {type(model).__name__}")
         if not isinstance(plan, SpatialPlan) or len(plan.part_bounds) != len(model.blocks):
             raise ValueError(f"plan must be a SpatialPlan with one level per block ({len(model.blocks)})")
-        if not 0 <= rank < plan.world_size:
-            raise ValueError(f"rank must be in 0..{plan.world_size - 1}, got {rank}")
+        if not (isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and 0 <= rank < plan.world_size):
+            raise ValueError(f"rank must be an int in 0..{plan.world_size - 1}, got {rank!r}")
         if plan.node_bounds[-1] != model.num_nodes:
             raise ValueError(f"plan covers {plan.node_bounds[-1]} nodes, the model {model.num_nodes}")
         self.model, self.plan, self.rank = model, plan, rank
