@@ -201,12 +201,13 @@ def lengths_histogram(spec: str, num_nodes: int, *, seed: int = 0, k: int = 8) -
       over S nodes, so every one fits one tile of S rows.
     """
     kind, _, size = spec.partition(":")
+    if kind not in ("uniform", "metis", "metis-max") or not size.isdigit() or int(size) < 1 or num_nodes < int(size):
+        raise ValueError(f"--lengths-from takes uniform:S, metis:S or metis-max:S with 1 <= S <= --n = {num_nodes}, "
+                         f"got {spec!r}")
     size = int(size)
     if kind == "uniform":
         hist = {size: num_nodes // size} | ({num_nodes % size: 1} if num_nodes % size else {})
         return {n: c for n, c in hist.items() if c}, f"uniform: {num_nodes // size} subgraphs of {size}"
-    if kind not in ("metis", "metis-max"):
-        raise ValueError(f"--lengths-from takes uniform:S, metis:S or metis-max:S, got {spec!r}")
     from sba_model import knn_adjacency, partition_graph
 
     # metis:S asks for ceil(N / S) parts; metis-max:S for parts of at most S nodes, as many as
@@ -387,8 +388,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "static")
     args = p.parse_args(argv)
-
-    histogram, how = lengths_histogram(args.lengths_from, args.n, seed=args.seed, k=args.knn)
+    if min(args.n, args.batch, args.heads, args.head_dim, args.knn) < 1:
+        p.error("--n, --batch, --heads, --head-dim and --knn must be >= 1")
+    try:
+        histogram, how = lengths_histogram(args.lengths_from, args.n, seed=args.seed, k=args.knn)
+    except ValueError as err:             # a spec or graph size that cannot be: said as the CLI's
+        p.error(str(err))
     problem = Problem(args.batch, args.heads, args.head_dim, DTYPES[args.dtype], contiguous=not args.gather)
     rows = [row for bias in args.bias for row in account(histogram, replace(problem, bias=bias))]
     command = "python bench/byte_report.py " + " ".join(sys.argv[1:] if argv is None else argv)

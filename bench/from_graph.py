@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "from-graph-cpu")
     args = p.parse_args(argv)
+    if args.k < 1 or args.n <= args.k or args.pe_dim < 0 or min(args.parts) < 1:
+        p.error("--n must exceed --k >= 1, --pe-dim must be >= 0 and --parts >= 1")
 
     load_before = os.getloadavg()
     start = time.perf_counter()

@@ -203,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the points and of METIS")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "static" / "tiles.md")
     args = p.parse_args(argv)
+    if min(args.targets) < 1 or args.head_dim < 1 or args.k < 1 or min(args.n) <= max(args.k, max(args.targets)):
+        p.error("--targets, --head-dim and --k must be >= 1, and every --n above --k and the largest target")
 
     rows, knn_s = [], {}
     for n in args.n:

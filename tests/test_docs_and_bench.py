@@ -126,6 +126,22 @@ def test_bench_scripts_refuse_bad_arguments_by_name(capsys):
         with pytest.raises(SystemExit):
             host_time.main(argv)
         assert "--n must be >= 130 and --calls >= 1" in capsys.readouterr().err
+    import byte_report
+    import from_graph
+    import tile_report
+
+    for main, argv, says in (
+            (byte_report.main, ["--n", "0"], "--n, --batch, --heads, --head-dim and --knn must be >= 1"),
+            (byte_report.main, ["--n", "200", "--lengths-from", "uniform:0"], "with 1 <= S <= --n = 200"),
+            (byte_report.main, ["--n", "200", "--lengths-from", "uniform:500"], "with 1 <= S <= --n = 200"),
+            (byte_report.main, ["--n", "200", "--lengths-from", "bogus"], "--lengths-from takes uniform:S"),
+            (tile_report.main, ["--targets", "0"], "--targets, --head-dim and --k must be >= 1"),
+            (tile_report.main, ["--n", "4"], "every --n above --k and the largest target"),
+            (from_graph.main, ["--n", "1"], "--n must exceed --k >= 1"),
+            (from_graph.main, ["--n", "100", "--pe-dim", "-1"], "--pe-dim must be >= 0")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert says in capsys.readouterr().err, (argv, says)
 
 
 def test_seed_summary_means_and_spreads(tmp_path):
