@@ -97,6 +97,10 @@ def test_cli_draws_a_trained_run_at_its_coordinates(trained_run, tmp_path, capsy
     assert out.read_bytes()[:8] == PNG_SIGNATURE and out.stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "seam sensors:" in printed and "interior sensors:" in printed and "(coordinates)" in printed
+    for bad, says in ((["--out", str(tmp_path)], "--out must be a file"), (["--batch-size", "0"], "--batch-size must be >= 1")):
+        with pytest.raises(SystemExit):
+            error_map.main(["--run", str(trained_run), *bad])
+        assert says in capsys.readouterr().err
 
     result = error_map.error_map(trained_run, tmp_path / "again.png", batch_size=7)
     metrics = json.loads((trained_run / "metrics.json").read_text())

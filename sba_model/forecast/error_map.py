@@ -244,6 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="test windows per forward (default: twice the run's)")
     a = p.parse_args(argv)
     out = a.out or a.run / "error_map.png"
+    if out.is_dir():                      # said now, not after the model ran over the test windows
+        p.error(f"--out must be a file, {out} is a folder")
+    if a.batch_size is not None and a.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
     result = error_map(a.run, out, device=a.device, batch_size=a.batch_size)
     for line in _summary_lines(result["summary"]):
         print(line)
