@@ -164,6 +164,8 @@ def test_plan_rejects_partitions_that_are_not_nested_runs():
         sd.plan_spatial([runs_out_of_order], 2)
     with pytest.raises(TypeError, match="partitions must be"):
         sd.plan_spatial([], 2)
+    with pytest.raises(ValueError, match=r"partitions\[1\] covers 4 nodes, partitions\[0\] 6"):
+        sd.plan_spatial([fine, sk.Partition.from_assignment(torch.tensor([0, 0, 1, 1]))], 1)
 
 
 def test_shard_rejects_bad_arguments():

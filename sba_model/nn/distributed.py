@@ -148,6 +148,10 @@ def plan_spatial(partitions: Sequence[Partition], world_size: int) -> SpatialPla
     partitions = list(partitions)
     if not partitions or not all(isinstance(p, Partition) for p in partitions):
         raise TypeError("partitions must be a non-empty sequence of sba_kernels.Partition")
+    for i, p in enumerate(partitions):
+        if p.num_nodes != partitions[0].num_nodes:
+            raise ValueError(f"partitions[{i}] covers {p.num_nodes} nodes, partitions[0] {partitions[0].num_nodes}: "
+                             f"the levels of one model cover the same nodes")
     first, stop = _runs(partitions[-1])
     groups = balanced_bounds((stop - first).tolist(), world_size)
     node_bounds = tuple(int(first[g]) for g in groups[:-1]) + (partitions[-1].num_nodes,)
