@@ -225,6 +225,16 @@ def test_model_and_inter_attention_name_bad_inputs():
             inter(bad)
 
 
+def test_torch_compile_traces_the_model_with_its_calendar_in_one_graph():
+    """The tod/dow range check reads values; inside a torch.compile trace it would break the
+    graph (fullgraph=True failed): it stays out of traces, and the compiled model equals eager."""
+    model = SBATransformer.from_graph(_graph(60), [6, 2], in_steps=4, in_channels=1, out_steps=2, out_channels=1,
+                                      dim=16, num_heads=2, steps_per_day=24, day_of_week=True, backend="sdpa").eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x, tod, dow = torch.randn(2, 4, 60, 1), torch.tensor([0, 23]), torch.tensor([6, 0])
+    torch.testing.assert_close(compiled(x, tod, dow), model(x, tod, dow))
+
+
 def test_module_to_moves_partition():
     part = partition_graph(_graph(), 4)
     layer = SBAttention(16, 2, part).to("meta")

@@ -30,8 +30,10 @@ def time_embedding(name: str, table: Optional[nn.Embedding], ids: Optional[torch
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer slots, got dtype {ids.dtype}")
     # An id off the table is an IndexError, naming nothing, on the CPU. Checked there only: on a
-    # GPU it would cost a host sync per forward (and break CUDA-graph capture).
-    if ids.device.type == "cpu" and bool(((ids < 0) | (ids >= table.num_embeddings)).any()):
+    # GPU it would cost a host sync per forward (and break CUDA-graph capture); and not inside a
+    # torch.compile trace, where a value-dependent branch breaks the graph.
+    if (ids.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool(((ids < 0) | (ids >= table.num_embeddings)).any())):
         raise ValueError(f"{name} must lie in [0, {table.num_embeddings}), got values from {int(ids.min())} "
                          f"to {int(ids.max())}")
     return table(ids.long()).unsqueeze(1)
