@@ -54,7 +54,7 @@ def metis_assignment(adjacency: sp.csr_matrix, num_parts: int, *, seed: int = 0,
     ``max_size`` (in vertex weight) sets METIS's imbalance tolerance so that its bound on a part
     stays within it (`_cap_ufactor`); METIS can still miss it, which `_capped_assignment` repairs.
     """
-    num_parts = _check_num_parts(num_parts, "num_parts")
+    num_parts = positive_int(num_parts, "num_parts")
     n = adjacency.shape[0]
     if num_parts == 1:
         return np.zeros(n, dtype=np.int64)
@@ -140,10 +140,11 @@ def _proportional_shares(weights: np.ndarray, total: int) -> np.ndarray:
     return shares
 
 
-def _check_num_parts(num_parts, name: str) -> int:
-    if isinstance(num_parts, bool) or not isinstance(num_parts, numbers.Integral) or num_parts < 1:
-        raise ValueError(f"{name} must be a positive int, got {num_parts!r}")
-    return int(num_parts)
+def positive_int(value, name: str) -> int:
+    """``value`` as an int (numpy's too), or ValueError naming ``name`` unless it is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _check_max_size(max_size) -> int:
@@ -160,7 +161,7 @@ def _capped_num_parts(num_nodes: int, max_size: int, num_parts, name: str) -> in
     `_CAP_HEADROOM`."""
     if num_parts is None:
         return 1 if num_nodes <= max_size else math.ceil(num_nodes * (1 + _CAP_HEADROOM) / max_size)
-    num_parts = _check_num_parts(num_parts, name)
+    num_parts = positive_int(num_parts, name)
     if num_parts * max_size < num_nodes:
         raise ValueError(f"{name} = {num_parts} parts of at most max_size = {max_size} nodes cannot hold "
                          f"{num_nodes} nodes: {name} must be >= {-(-num_nodes // max_size)}")
@@ -246,7 +247,7 @@ def partition_graph(adjacency, num_parts: int | None = None, *, max_size: int | 
     if max_size is None:
         if num_parts is None:
             raise TypeError("partition_graph needs num_parts or max_size")
-        num_parts = _check_num_parts(num_parts, "num_parts")
+        num_parts = positive_int(num_parts, "num_parts")
         return Partition.from_assignment(metis_assignment(to_csr(adjacency), num_parts, seed=seed), num_parts)
     max_size = _check_max_size(max_size)
     csr = to_csr(adjacency)
@@ -286,7 +287,7 @@ def multiscale_partitions(adjacency, parts: Sequence[int], *, max_size: int | No
         node tensors with ``x[:, perm]``), and one `Partition` per level over the *reordered*
         node ids, in which every subgraph is a contiguous ascending run of ids.
     """
-    parts = [_check_num_parts(p, "parts[i]") for p in parts]
+    parts = [positive_int(p, "parts[i]") for p in parts]
     if not parts:
         raise ValueError("parts must list at least one level")
     if any(a <= b for a, b in zip(parts, parts[1:])):
@@ -314,8 +315,8 @@ def multiscale_partitions(adjacency, parts: Sequence[int], *, max_size: int | No
 
 
 def _check_hierarchy_args(threshold, group_size) -> tuple[int, int]:
-    threshold = _check_num_parts(threshold, "inter_threshold")
-    group_size = _check_num_parts(group_size, "group_size")
+    threshold = positive_int(threshold, "inter_threshold")
+    group_size = positive_int(group_size, "group_size")
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (groups of one never shrink the level), got {group_size}")
     return threshold, group_size
@@ -325,7 +326,7 @@ def hierarchy_parts(num_tokens: int, threshold: int = INTER_THRESHOLD, group_siz
     """The group counts of the levels above ``num_tokens`` pooled tokens: ``ceil(T / g)``,
     ``ceil(T / g^2)``, ... until one is at most ``threshold``; empty when ``T <= threshold``."""
     threshold, group_size = _check_hierarchy_args(threshold, group_size)
-    counts = [_check_num_parts(num_tokens, "num_tokens")]
+    counts = [positive_int(num_tokens, "num_tokens")]
     while counts[-1] > threshold:
         counts.append(-(-counts[-1] // group_size))
     return counts[1:]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
 from .adjacency import to_csr
+from .partitioning import positive_int
 
 __all__ = ["laplacian_pe", "normalized_laplacian"]
 
@@ -79,8 +78,7 @@ def laplacian_pe(adjacency, k: int) -> torch.Tensor:
         largest-magnitude entry is positive (training flips signs at random). When ``N <= k``
         the missing columns are zero.
     """
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = positive_int(k, "k")
     lap = normalized_laplacian(adjacency)
     n = lap.shape[0]
     want = min(k + 1, n)

@@ -39,6 +39,7 @@ from torch import nn
 
 from sba_kernels import Partition
 
+from ..graph.partitioning import positive_int
 from .model import SBATransformer
 
 __all__ = ["SpatialPlan", "plan_spatial", "balanced_bounds", "local_partition", "TokenGather", "SpatialShard",
@@ -53,9 +54,7 @@ def balanced_bounds(sizes: Sequence[int], world_size: int) -> list[int]:
     search on the largest total; for a candidate, greedy filling tells whether it fits.
     """
     sizes = [int(s) for s in sizes]
-    if not isinstance(world_size, numbers.Integral) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    world_size = int(world_size)
+    world_size = positive_int(world_size, "world_size")
     if len(sizes) < world_size:
         raise ValueError(f"world_size={world_size} ranks need at least as many coarsest-level subgraphs, "
                          f"got {len(sizes)}")

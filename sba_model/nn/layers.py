@@ -17,7 +17,7 @@ import sba_kernels as sk
 from sba_kernels import Partition
 
 from ..graph.adjacency import to_csr
-from ..graph.partitioning import INTER_THRESHOLD, _check_num_parts, token_levels
+from ..graph.partitioning import INTER_THRESHOLD, positive_int, token_levels
 
 __all__ = ["IntraAttention", "InterAttention", "SBAttention", "SBABlock", "LocalTokens"]
 
@@ -235,7 +235,7 @@ def _resolve_levels(partition: Partition, levels: Optional[Sequence[Partition]],
     ``threshold`` tokens, and every level must hold more than ``threshold`` tokens, so that at or
     below the threshold the attention stays dense.
     """
-    threshold = _check_num_parts(threshold, "inter_threshold")
+    threshold = positive_int(threshold, "inter_threshold")
     P = partition.num_parts
     if levels is None:
         if P <= threshold:

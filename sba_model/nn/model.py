@@ -12,7 +12,7 @@ from sba_kernels import Partition
 
 from ..graph.adjacency import permute_graph, to_csr
 from .layers import SBABlock
-from ..graph.partitioning import INTER_THRESHOLD, model_partitions
+from ..graph.partitioning import INTER_THRESHOLD, model_partitions, positive_int
 from ..graph.pe import laplacian_pe
 
 __all__ = ["SBATransformer"]
@@ -86,8 +86,7 @@ class SBATransformer(nn.Module):
         super().__init__()
         for name, count in (("num_nodes", num_nodes), ("in_steps", in_steps), ("in_channels", in_channels),
                             ("out_steps", out_steps), ("out_channels", out_channels)):
-            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-                raise ValueError(f"{name} must be a positive int, got {count!r}")
+            positive_int(count, name)
         if last_value_residual and out_channels > in_channels:
             raise ValueError("last_value_residual needs out_channels <= in_channels")
         self.last_value_residual = last_value_residual
